@@ -1,0 +1,192 @@
+"""Run one case on one engine and builder, capturing everything about it."""
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from python_on_whales import DockerClient, DockerException
+from python_on_whales.utils import stream_stdout_and_stderr
+
+from buildfuzz.case import Case, Output
+from buildfuzz.context import materialize
+from buildfuzz.definitions import BuilderDefinition
+from buildfuzz.workdir import kill_processes_under
+
+log = structlog.get_logger(__name__)
+
+IMAGE_NAME = "buildfuzz-case"
+
+
+@dataclass
+class BuildResult:
+    """What one build did: its exit status, complete log and duration."""
+
+    exit_status: int
+    log: str
+    duration: float
+    timed_out: bool = False
+    load_log: str = ""
+    engine_alive: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> bool:
+        return self.exit_status == 0 and not self.timed_out
+
+
+class CaseRunner:
+    """Materialize cases and build them on one sandbox engine."""
+
+    def __init__(
+        self,
+        docker: DockerClient,
+        builders: dict[str, BuilderDefinition],
+        work_dir: Path,
+        *,
+        timeout: float,
+    ) -> None:
+        self.docker = docker
+        self.builders = builders
+        self.work_dir = work_dir
+        self.timeout = timeout
+        self._counter = 0
+
+    def run(self, case: Case) -> BuildResult:
+        self._counter += 1
+        case_dir = self.work_dir / f"case-{self._counter}"
+        context = materialize(case, case_dir / "context")
+        builder = self.builders[case.builder]
+        try:
+            return self._build(case, builder, case_dir, context)
+        finally:
+            self._remove_image()
+            shutil.rmtree(case_dir, ignore_errors=True)
+
+    def _build(
+        self, case: Case, builder: BuilderDefinition, case_dir: Path, context: Path
+    ) -> BuildResult:
+        lines: list[str] = []
+        watchdog = _Watchdog(case_dir, self.timeout)
+        started = time.monotonic()
+        exit_status = 0
+        watchdog.start()
+        try:
+            for line in self._stream(case, builder, case_dir, context):
+                lines.append(line)
+        except DockerException as error:
+            exit_status = error.return_code or 1
+        finally:
+            watchdog.cancel()
+        duration = time.monotonic() - started
+
+        result = BuildResult(
+            exit_status=exit_status,
+            log="".join(lines),
+            duration=duration,
+            timed_out=watchdog.fired,
+        )
+        if result.succeeded and case.output is Output.DOCKER_TAR:
+            self._load(case_dir / "image.tar", result)
+
+        return result
+
+    def _stream(
+        self, case: Case, builder: BuilderDefinition, case_dir: Path, context: Path
+    ) -> Iterator[str]:
+        if builder.classic:
+            command = [*self.docker.docker_cmd, *classic_arguments(case), str(context)]
+            for _, raw in stream_stdout_and_stderr(
+                command, env={"DOCKER_BUILDKIT": "0"}
+            ):
+                yield raw.decode("utf-8", errors="replace")
+            return
+
+        stream = self.docker.buildx.build(
+            context,
+            tags=[tag_for(case)] if case.output is Output.LOAD else [],
+            load=case.output is Output.LOAD,
+            output=buildx_output(case, case_dir),
+            platforms=[case.platform] if case.platform else None,
+            build_args=dict(case.build_args),
+            # The sandbox daemons have no bridge network; BuildKit RUN steps
+            # fail with "network bridge not found" unless told otherwise.
+            network="none",
+            progress="plain",
+            stream_logs=True,
+        )
+        yield from stream  # type: ignore[misc]
+
+    def _load(self, tar_path: Path, result: BuildResult) -> None:
+        try:
+            loaded = self.docker.image.load(tar_path, quiet=True)
+            result.load_log = "\n".join(str(name) for name in loaded or [])
+        except DockerException as error:
+            result.exit_status = error.return_code or 1
+            result.load_log = _text(error.stderr) or str(error)
+
+    def _remove_image(self) -> None:
+        try:
+            self.docker.image.remove(
+                [f"{IMAGE_NAME}:latest", f"{IMAGE_NAME}:loaded"], force=True, prune=True
+            )
+        except DockerException:
+            pass  # nothing was tagged: the build failed or did not load
+
+
+def tag_for(case: Case) -> str:
+    return f"{IMAGE_NAME}:latest"
+
+
+def classic_arguments(case: Case) -> list[str]:
+    """Return the ``docker build`` arguments of a classic-builder case."""
+    arguments = ["build", "--tag", tag_for(case)]
+    if case.platform:
+        arguments += ["--platform", case.platform]
+    for name, value in case.build_args:
+        arguments += ["--build-arg", f"{name}={value}"]
+    return arguments
+
+
+def buildx_output(case: Case, case_dir: Path) -> dict[str, str]:
+    if case.output is Output.TAR:
+        return {"type": "tar", "dest": str(case_dir / "rootfs.tar")}
+    if case.output is Output.LOCAL:
+        return {"type": "local", "dest": str(case_dir / "rootfs")}
+    if case.output is Output.DOCKER_TAR:
+        return {
+            "type": "docker",
+            "dest": str(case_dir / "image.tar"),
+            "name": f"{IMAGE_NAME}:loaded",
+        }
+    return {}
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value or "")
+
+
+class _Watchdog:
+    """Kill the build's client processes when the build runs out of time."""
+
+    def __init__(self, case_dir: Path, timeout: float) -> None:
+        self.fired = False
+        self._case_dir = case_dir
+        self._timer = threading.Timer(timeout, self._fire)
+        self._timer.daemon = True
+
+    def start(self) -> None:
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        log.warning("build timed out; killing its client", case_dir=str(self._case_dir))
+        kill_processes_under(self._case_dir)

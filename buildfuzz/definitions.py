@@ -1,0 +1,166 @@
+"""Engine, client and builder definitions read from ``builders/``."""
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from buildfuzz.case import Output
+from buildfuzz.errors import DataFileError
+from buildfuzz.paths import builders_dir
+
+BUILDER_KINDS = ("classic", "buildx")
+BUILDX_DRIVERS = ("docker",)
+
+
+@dataclass(frozen=True)
+class PackageSet:
+    suite: str
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineDefinition:
+    name: str
+    description: str
+    storage_driver: str
+    packages: tuple[PackageSet, ...]
+    features: tuple[tuple[str, bool], ...] = ()
+
+
+@dataclass(frozen=True)
+class ClientDefinition:
+    description: str
+    packages: tuple[PackageSet, ...]
+
+
+@dataclass(frozen=True)
+class BuilderDefinition:
+    name: str
+    description: str
+    kind: str
+    driver: str = ""
+    outputs: tuple[Output, ...] = (Output.LOAD,)
+
+    @property
+    def classic(self) -> bool:
+        return self.kind == "classic"
+
+
+@dataclass(frozen=True)
+class Definitions:
+    engines: dict[str, EngineDefinition]
+    client: ClientDefinition
+    builders: dict[str, BuilderDefinition]
+
+
+def load_definitions(directory: Path | None = None) -> Definitions:
+    """Read ``engines.toml`` and ``builders.toml``, rejecting invalid entries."""
+    directory = directory or builders_dir()
+    engines_path = directory / "engines.toml"
+    builders_path = directory / "builders.toml"
+    engines_data = _read(engines_path)
+    builders_data = _read(builders_path)
+
+    try:
+        engines = {
+            name: _engine(name, raw)
+            for name, raw in _table(engines_data, "engines").items()
+        }
+    except (TypeError, ValueError, KeyError) as error:
+        raise DataFileError(engines_path, _describe(error)) from None
+    try:
+        client = ClientDefinition(
+            description=str(builders_data["client"].get("description", "")),
+            packages=_packages(builders_data["client"]["packages"]),
+        )
+        builders = {
+            name: _builder(name, raw)
+            for name, raw in _table(builders_data, "builders").items()
+        }
+    except (TypeError, ValueError, KeyError) as error:
+        raise DataFileError(builders_path, _describe(error)) from None
+
+    return Definitions(engines=engines, client=client, builders=builders)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except FileNotFoundError:
+        raise DataFileError(path, "definition file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise DataFileError(path, f"invalid TOML: {error}") from None
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, KeyError):
+        return f"missing key {error.args[0]!r}"
+    return str(error)
+
+
+def _table(data: dict[str, Any], name: str) -> dict[str, Any]:
+    table = data.get(name)
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"[{name}.NAME] tables are missing")
+    return table
+
+
+def _packages(raw: Any) -> tuple[PackageSet, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("packages must be a non-empty list of {suite, names}")
+    sets = []
+    for item in raw:
+        names = item["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("packages.names must be a list of package names")
+        sets.append(PackageSet(suite=str(item["suite"]), names=tuple(names)))
+    return tuple(sets)
+
+
+def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
+    unknown = sorted(set(raw) - {"description", "storage_driver", "packages", "features"})
+    if unknown:
+        raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
+    features = raw.get("features", {})
+    return EngineDefinition(
+        name=name,
+        description=str(raw.get("description", "")),
+        storage_driver=str(raw.get("storage_driver", "overlay2")),
+        packages=_packages(raw["packages"]),
+        features=tuple((str(k), bool(v)) for k, v in features.items()),
+    )
+
+
+def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
+    unknown = sorted(set(raw) - {"description", "kind", "driver", "outputs"})
+    if unknown:
+        raise ValueError(f"builder {name!r}: unknown key {unknown[0]!r}")
+    kind = raw["kind"]
+    if kind not in BUILDER_KINDS:
+        raise ValueError(
+            f"builder {name!r}: unknown kind {kind!r}; use {', '.join(BUILDER_KINDS)}"
+        )
+    driver = str(raw.get("driver", ""))
+    if kind == "buildx" and driver not in BUILDX_DRIVERS:
+        raise ValueError(
+            f"builder {name!r}: unknown driver {driver!r}; "
+            f"use {', '.join(BUILDX_DRIVERS)}"
+        )
+    outputs = []
+    for value in raw.get("outputs", ["load"]):
+        try:
+            outputs.append(Output(value))
+        except ValueError:
+            choices = ", ".join(o.value for o in Output)
+            raise ValueError(
+                f"builder {name!r}: unknown output {value!r}; use one of {choices}"
+            ) from None
+    return BuilderDefinition(
+        name=name,
+        description=str(raw.get("description", "")),
+        kind=kind,
+        driver=driver,
+        outputs=tuple(outputs),
+    )

@@ -1,0 +1,215 @@
+"""Sandbox engines: private dockerd daemons that buildfuzz starts and stops.
+
+Each daemon gets its own data-root, exec-root, pid file and unix socket
+under the run directory, with no bridge network and no iptables or
+forwarding changes, so it never touches the host's own Docker set-up.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import structlog
+
+from buildfuzz.definitions import EngineDefinition
+from buildfuzz.errors import EngineError
+from buildfuzz.workdir import kill_processes_under, remove_tree
+
+log = structlog.get_logger(__name__)
+
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Versions and settings that the running daemon reports."""
+
+    version: str
+    api_version: str
+    storage_driver: str
+    containerd_version: str
+    kernel: str
+    operating_system: str
+
+
+class SandboxEngine:
+    """One dockerd running from an unpacked package tree."""
+
+    def __init__(self, definition: EngineDefinition, tree: Path, run_dir: Path):
+        self.definition = definition
+        self.tree = tree
+        self.directory = run_dir / f"engine-{definition.name}"
+        self.socket = self.directory / "docker.sock"
+        self.log_path = self.directory / "dockerd.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self.info: EngineInfo | None = None
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> EngineInfo:
+        dockerd = self.tree / "usr" / "sbin" / "dockerd"
+        if not dockerd.exists():
+            raise EngineError(
+                f"dockerd of engine {self.name} not found at {dockerd}; "
+                "run `buildfuzz setup` to download the engine packages"
+            )
+        if os.geteuid() != 0:
+            raise EngineError(
+                "starting a sandbox engine needs root (dockerd mounts file systems); "
+                "run buildfuzz as root"
+            )
+
+        self.directory.mkdir(parents=True)
+        command = [str(dockerd), *self._daemon_arguments()]
+        log_file = self.log_path.open("wb")
+        started = time.monotonic()
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=self._environment(),
+            # A session of its own: Ctrl-C on the terminal reaches buildfuzz
+            # only, and buildfuzz stops the daemon in order.
+            start_new_session=True,
+        )
+        log_file.close()
+
+        self.info = self._wait_until_ready()
+        log.info(
+            "engine started",
+            engine=self.name,
+            version=self.info.version,
+            storage_driver=self.info.storage_driver,
+            seconds=round(time.monotonic() - started, 1),
+        )
+        return self.info
+
+    def _daemon_arguments(self) -> list[str]:
+        config = {"storage-driver": self.definition.storage_driver}
+        features = dict(self.definition.features)
+        if features:
+            config["features"] = features  # type: ignore[assignment]
+        config_path = self.directory / "daemon.json"
+        config_path.write_text(json.dumps(config, indent=2))
+
+        return [
+            f"--config-file={config_path}",
+            f"--data-root={self.directory / 'root'}",
+            f"--exec-root={self.directory / 'exec'}",
+            f"--pidfile={self.directory / 'dockerd.pid'}",
+            f"--host={self.host}",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--ip-forward=false",
+            "--ip-masq=false",
+            "--userland-proxy=false",
+        ]
+
+    def _environment(self) -> dict[str, str]:
+        bins = [self.tree / "usr" / "sbin", self.tree / "usr" / "bin"]
+        path = ":".join([*map(str, bins), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        return {"PATH": path, "HOME": str(self.directory), "LANG": "C.UTF-8"}
+
+    def _wait_until_ready(self) -> EngineInfo:
+        deadline = time.monotonic() + START_TIMEOUT
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise EngineError(
+                    f"dockerd of engine {self.name} exited with status "
+                    f"{self._process.returncode}: {self.log_tail()}",
+                    log_path=self.log_path,
+                )
+            if self.socket.exists():
+                try:
+                    return self._read_info()
+                except docker.errors.DockerException as error:
+                    last_error = error
+            time.sleep(0.1)
+
+        self.stop()
+        raise EngineError(
+            f"dockerd of engine {self.name} did not answer within "
+            f"{START_TIMEOUT:.0f} s ({last_error}); see {self.log_path}",
+            log_path=self.log_path,
+        )
+
+    def api_client(self) -> docker.DockerClient:
+        return docker.DockerClient(base_url=self.host, timeout=30)
+
+    def _read_info(self) -> EngineInfo:
+        client = self.api_client()
+        try:
+            version: dict[str, Any] = client.version()
+            info: dict[str, Any] = client.info()
+        finally:
+            client.close()
+        containerd = next(
+            (c.get("Version", "") for c in version.get("Components", [])
+             if c.get("Name") == "containerd"),
+            "",
+        )  # fmt: skip
+        return EngineInfo(
+            version=str(version.get("Version", "")),
+            api_version=str(version.get("ApiVersion", "")),
+            storage_driver=str(info.get("Driver", "")),
+            containerd_version=str(containerd),
+            kernel=str(info.get("KernelVersion", "")),
+            operating_system=str(info.get("OperatingSystem", "")),
+        )
+
+    def is_healthy(self) -> bool:
+        """Return whether the daemon process runs and answers a ping."""
+        if self._process is None or self._process.poll() is not None:
+            return False
+        client = self.api_client()
+        try:
+            return bool(client.ping())
+        except docker.errors.DockerException:
+            return False
+        finally:
+            client.close()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no daemon log)"
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stop the daemon and remove its state, even if it is already gone."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("engine did not stop in time; killing it", engine=self.name)
+                process.kill()
+                process.wait()
+        self._process = None
+        kill_processes_under(self.directory)
+        remove_tree(self.directory)
+        log.info("engine stopped", engine=self.name)
+
+    def restart(self) -> EngineInfo:
+        """Replace a crashed or stuck daemon with a fresh one."""
+        self.stop()
+        return self.start()

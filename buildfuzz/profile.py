@@ -1,0 +1,209 @@
+"""Fuzz profiles: which axes vary and the pool of values each draws from.
+
+A profile is a TOML file in ``strategies/``. The first value of every pool
+is that axis' default, because Hypothesis shrinks a choice from a list
+towards its first element; a shrunk case therefore differs from the
+defaults only in the axes that the failure needs.
+"""
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from buildfuzz.case import FileKind, Output
+from buildfuzz.errors import DataFileError
+from buildfuzz.paths import strategies_dir
+
+INSTRUCTION_KINDS = (
+    "copy-all",
+    "copy-file",
+    "copy-dir",
+    "add-file",
+    "copy-chown-id",
+    "copy-chown-name",
+    "copy-chmod",
+    "run",
+    "workdir",
+    "env",
+    "arg",
+)
+BASES = ("scratch", "busybox")
+
+
+@dataclass(frozen=True)
+class ContextAxes:
+    max_files: int = 4
+    kinds: tuple[FileKind, ...] = (FileKind.FILE,)
+    names: tuple[str, ...] = ("a",)
+    sizes: tuple[int, ...] = (0,)
+    modes: tuple[int, ...] = (0o644,)
+    dir_modes: tuple[int, ...] = (0o755,)
+    owners: tuple[int, ...] = (0,)
+    mtimes_ns: tuple[int, ...] = (1_700_000_000_000_000_000,)
+    symlink_targets: tuple[str, ...] = ("",)
+    dockerignore: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DockerfileAxes:
+    bases: tuple[str, ...] = ("scratch",)
+    instructions: tuple[str, ...] = ("copy-all",)
+    max_instructions: int = 3
+
+
+@dataclass(frozen=True)
+class BuildAxes:
+    platforms: tuple[str, ...] = ("",)
+    outputs: tuple[Output, ...] = (Output.LOAD,)
+    build_args: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: Path
+    description: str
+    rules: str
+    engines: tuple[str, ...]
+    builders: tuple[str, ...]
+    context: ContextAxes
+    dockerfile: DockerfileAxes
+    build: BuildAxes
+
+
+def resolve_profile_path(name: str) -> Path:
+    """Return the file of a profile given by name or by path."""
+    if name.endswith(".toml") or "/" in name:
+        return Path(name)
+    return strategies_dir() / f"{name}.toml"
+
+
+def available_profiles() -> list[str]:
+    return sorted(path.stem for path in strategies_dir().glob("*.toml"))
+
+
+def load_profile(name: str) -> Profile:
+    """Load and validate a profile by name (``default``) or path."""
+    path = resolve_profile_path(name)
+    try:
+        with path.open("rb") as stream:
+            data = tomllib.load(stream)
+    except FileNotFoundError:
+        known = ", ".join(available_profiles()) or "none"
+        raise DataFileError(
+            path, f"profile {name!r} not found; available profiles: {known}"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise DataFileError(path, f"invalid TOML: {error}") from None
+
+    try:
+        return _profile_from_dict(path, data)
+    except (TypeError, ValueError) as error:
+        raise DataFileError(path, str(error)) from None
+
+
+def _profile_from_dict(path: Path, data: dict[str, Any]) -> Profile:
+    allowed = {"description", "rules", "engines", "builders", "context"}
+    allowed |= {"dockerfile", "build"}
+    _reject_unknown(data, allowed, "top level")
+
+    context = _section(data, "context", ContextAxes)
+    dockerfile = _section(data, "dockerfile", DockerfileAxes)
+    build = _section(data, "build", BuildAxes)
+    engines = _string_tuple(data.get("engines", ["26.1"]), "engines")
+    builders = _string_tuple(data.get("builders", ["buildx-docker"]), "builders")
+    if not engines or not builders:
+        raise ValueError("engines and builders need at least one value each")
+
+    return Profile(
+        name=path.stem,
+        path=path,
+        description=str(data.get("description", "")),
+        rules=str(data.get("rules", "expected")),
+        engines=engines,
+        builders=builders,
+        context=context,
+        dockerfile=dockerfile,
+        build=build,
+    )
+
+
+def _section(data: dict[str, Any], name: str, axes_type: type) -> Any:
+    section = data.get(name, {})
+    if not isinstance(section, dict):
+        raise TypeError(f"[{name}] must be a table")
+    names = {item.name for item in fields(axes_type)}
+    _reject_unknown(section, names, f"[{name}]")
+
+    values: dict[str, Any] = {}
+    for key, raw in section.items():
+        values[key] = _convert(f"{name}.{key}", key, raw)
+
+    return axes_type(**values)
+
+
+def _convert(label: str, key: str, raw: Any) -> Any:
+    if key.startswith("max_"):
+        if not isinstance(raw, int) or isinstance(raw, bool) or raw < 0:
+            raise ValueError(f"{label} must be a whole number >= 0, not {raw!r}")
+        return raw
+    if not isinstance(raw, list) or not raw and key != "dockerignore":
+        raise ValueError(f"{label} must be a non-empty list")
+
+    if key == "kinds":
+        return tuple(_enum(FileKind, value, label) for value in raw)
+    if key == "outputs":
+        return tuple(_enum(Output, value, label) for value in raw)
+    if key == "build_args":
+        pairs = []
+        for pair in raw:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise ValueError(f"{label} entries must be [name, value] pairs")
+            pairs.append((str(pair[0]), str(pair[1])))
+        return tuple(pairs)
+    if key in ("sizes", "modes", "dir_modes", "owners", "mtimes_ns"):
+        return tuple(_integer(value, label) for value in raw)
+    if key == "bases":
+        return tuple(_choice(value, BASES, label) for value in raw)
+    if key == "instructions":
+        return tuple(_choice(value, INSTRUCTION_KINDS, label) for value in raw)
+
+    return _string_tuple(raw, label)
+
+
+def _enum(enum_type: Any, value: Any, label: str) -> Any:
+    try:
+        return enum_type(value)
+    except ValueError:
+        choices = ", ".join(member.value for member in enum_type)
+        raise ValueError(f"{label}: unknown value {value!r}; use one of {choices}")
+
+
+def _choice(value: Any, choices: tuple[str, ...], label: str) -> str:
+    if value not in choices:
+        raise ValueError(
+            f"{label}: unknown value {value!r}; use one of {', '.join(choices)}"
+        )
+    return str(value)
+
+
+def _integer(value: Any, label: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{label}: {value!r} is not an integer")
+    return value
+
+
+def _string_tuple(values: Any, label: str) -> tuple[str, ...]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{label} must be a list of strings")
+    return tuple(values)
+
+
+def _reject_unknown(section: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown key {unknown[0]!r} in {where}; "
+            f"known keys: {', '.join(sorted(allowed))}"
+        )

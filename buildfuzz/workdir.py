@@ -1,0 +1,110 @@
+"""Per-run working directories, and the clean-up of runs that died.
+
+Each run gets ``<base>/run-<pid>-<time>/`` holding its sandbox engines,
+build contexts and private docker configuration. ``owner.pid`` in it names
+the buildfuzz process; a later run removes directories whose owner is gone.
+"""
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import structlog
+
+from buildfuzz.errors import SetupError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_BASE = Path("/var/tmp/buildfuzz")
+OWNER_FILE = "owner.pid"
+
+
+def create_run_dir(base: Path = DEFAULT_BASE) -> Path:
+    """Create a private directory for this run, after removing dead runs' ones."""
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o700)
+    except OSError as error:
+        raise SetupError(f"cannot create work directory {base}: {error}") from None
+    reap_dead_runs(base)
+
+    run_dir = base / f"run-{os.getpid()}-{int(time.time())}"
+    run_dir.mkdir()
+    (run_dir / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+
+    return run_dir
+
+
+def reap_dead_runs(base: Path) -> list[Path]:
+    """Stop the processes and mounts of runs whose buildfuzz process is gone."""
+    reaped = []
+    for run_dir in sorted(base.glob("run-*")):
+        if _owner_alive(run_dir):
+            continue
+        log.warning("removing leftovers of a dead run", run_dir=str(run_dir))
+        remove_tree(run_dir)
+        reaped.append(run_dir)
+    return reaped
+
+
+def _start_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _owner_alive(run_dir: Path) -> bool:
+    try:
+        pid_text, started = (run_dir / OWNER_FILE).read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+    # A reused pid has another start time.
+    return psutil.pid_exists(pid) and abs(_start_time(pid) - float(started)) < 1.0
+
+
+def kill_processes_under(directory: Path) -> None:
+    """Kill every process whose command line or working directory is under ``directory``."""
+    prefix = str(directory)
+    victims = []
+    for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        if process.pid == os.getpid():
+            continue
+        cmdline = process.info.get("cmdline") or []
+        cwd = process.info.get("cwd") or ""
+        if cwd.startswith(prefix) or any(prefix in part for part in cmdline):
+            victims.append(process)
+    for process in victims:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+
+
+def unmount_under(directory: Path) -> None:
+    """Unmount every mount point below ``directory``, deepest first."""
+    prefix = str(directory) + "/"
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as stream:
+        for line in stream:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point.startswith(prefix):
+                mounts.append(point)
+    for point in sorted(mounts, key=len, reverse=True):
+        done = subprocess.run(["umount", point], capture_output=True, check=False)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def remove_tree(directory: Path) -> None:
+    """Kill processes, unmount and delete everything under ``directory``."""
+    kill_processes_under(directory)
+    unmount_under(directory)
+    shutil.rmtree(directory, ignore_errors=True)
+    if directory.exists():
+        log.warning("could not remove directory completely", path=str(directory))
