@@ -5,6 +5,7 @@ bytes that are not UTF-8 as surrogate escapes (``os.fsdecode``), which JSON
 stores as ``\\udcXX`` escapes.
 """
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from enum import StrEnum
@@ -76,6 +77,11 @@ class Case:
 
     def with_changes(self, **changes: Any) -> "Case":
         return replace(self, **changes)
+
+    @property
+    def id(self) -> str:
+        """A short content hash that names the case in logs."""
+        return hashlib.sha256(self.to_json().encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
     @property
     def dockerfile_text(self) -> str:

@@ -24,6 +24,7 @@ from buildfuzz.workdir import kill_processes_under, remove_tree
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 60.0
+CLOSED_PROXY = "http://127.0.0.1:9"  # the discard port; nothing listens there
 STOP_TIMEOUT = 20.0
 
 
@@ -123,7 +124,17 @@ class SandboxEngine:
     def _environment(self) -> dict[str, str]:
         bins = [self.tree / "usr" / "sbin", self.tree / "usr" / "bin"]
         path = ":".join([*map(str, bins), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-        return {"PATH": path, "HOME": str(self.directory), "LANG": "C.UTF-8"}
+        return {
+            "PATH": path,
+            "HOME": str(self.directory),
+            "LANG": "C.UTF-8",
+            # Every registry request that is not for a loopback registry goes
+            # to a closed port on 127.0.0.1, so a mistaken image reference
+            # fails at once instead of reaching a public registry.
+            "HTTP_PROXY": CLOSED_PROXY,
+            "HTTPS_PROXY": CLOSED_PROXY,
+            "NO_PROXY": "localhost,127.0.0.1,::1",
+        }
 
     def _wait_until_ready(self) -> EngineInfo:
         deadline = time.monotonic() + START_TIMEOUT

@@ -1,0 +1,210 @@
+"""The ``buildfuzz`` command line.
+
+Exit codes: 0 no findings (or, for replay, reproduced), 1 findings (or not
+reproduced), 2 usage or environment error, 130 interrupted.
+"""
+
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn
+
+import typer
+
+from buildfuzz import __version__, logs
+from buildfuzz.budget import format_duration, parse_duration
+from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, UsageError
+from buildfuzz.workdir import DEFAULT_BASE
+
+app = typer.Typer(
+    name="buildfuzz",
+    help="A configuration fuzzer for Docker BuildKit and buildx.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+)
+
+LogFormat = Annotated[
+    str, typer.Option("--log-format", help="Log lines as 'console' or 'json'.")
+]
+Workdir = Annotated[
+    Path,
+    typer.Option(
+        "--workdir", help="Directory for sandbox engines and build contexts."
+    ),
+]
+
+
+def _fail(error: BuildfuzzError) -> NoReturn:
+    typer.echo(f"buildfuzz: error: {error}", err=True)
+    raise typer.Exit(error.exit_code)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _configure(log_format: str) -> None:
+    if log_format not in ("console", "json"):
+        _fail(UsageError(f"invalid --log-format {log_format!r}; use console or json"))
+    logs.configure(log_format)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+@app.command()
+def run(
+    budget: Annotated[
+        str, typer.Option(help="Time to fuzz, such as 90s, 10m, 1h or 1h30m.")
+    ] = "10m",
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of the case sequence (random if not set).")
+    ] = None,
+    results: Annotated[
+        Path, typer.Option(help="Directory that findings are written to.")
+    ] = Path("results"),
+    profile: Annotated[
+        str, typer.Option(help="Profile name in strategies/, or a path to a .toml.")
+    ] = "default",
+    build_timeout: Annotated[
+        str, typer.Option(help="Time one build may take before it counts as a hang.")
+    ] = "1m",
+    shrink_budget: Annotated[
+        str | None,
+        typer.Option(help="Time to shrink each new finding (default: budget/4, >= 1m)."),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Report every failure, even expected ones.")
+    ] = False,
+    offline: Annotated[
+        bool, typer.Option(help="Do not download missing engine packages.")
+    ] = False,
+    log_format: LogFormat = "console",
+    workdir: Workdir = DEFAULT_BASE,
+) -> None:
+    """Fuzz builds for a time budget and write each distinct finding."""
+    from buildfuzz.campaign import RunOptions, run_campaign
+
+    _configure(log_format)
+    try:
+        if seed is not None and not 0 <= seed < 2**64:
+            raise UsageError(f"invalid --seed {seed}; use a number from 0 to 2^64-1")
+        options = RunOptions(
+            budget=parse_duration(budget),
+            seed=seed,
+            results=results,
+            profile=profile,
+            build_timeout=parse_duration(build_timeout, option="--build-timeout"),
+            shrink_budget=parse_duration(shrink_budget, option="--shrink-budget")
+            if shrink_budget is not None
+            else None,
+            strict=strict,
+            offline=offline,
+            workdir=workdir,
+        )
+        summary = run_campaign(options)
+    except BuildfuzzError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        typer.echo("buildfuzz: interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    stats = summary.stats
+    lines = [
+        "buildfuzz run summary",
+        f"  seed               {summary.seed}",
+        f"  profile            {summary.profile}",
+        f"  elapsed            {format_duration(summary.elapsed)}"
+        f" of {format_duration(summary.budget)}"
+        + (" (interrupted)" if summary.interrupted else ""),
+        f"  cases run          {stats.cases}",
+        f"  passes             {stats.passes}",
+        f"  expected failures  {stats.expected}",
+        f"  findings           {summary.distinct_findings} distinct"
+        f" ({len(summary.new_findings)} new, {len(summary.known_findings)} known)",
+        f"  shrink builds      {stats.shrink_builds}",
+        f"  builds per minute  {summary.builds_per_minute:.1f}",
+    ]
+    for target, count in sorted(stats.per_target.items()):
+        lines.append(f"  cases on {target:<20} {count}")
+    for finding_id in summary.new_findings + summary.known_findings:
+        lines.append(f"  finding            {summary.results / finding_id}")
+    typer.echo("\n".join(lines))
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def replay(
+    path: Annotated[Path, typer.Argument(help="A finding directory or a case.json.")],
+    runs: Annotated[int, typer.Option(help="How many times to build the case.")] = 3,
+    build_timeout: Annotated[
+        str, typer.Option(help="Time one build may take before it counts as a hang.")
+    ] = "1m",
+    log_format: LogFormat = "console",
+    workdir: Workdir = DEFAULT_BASE,
+) -> None:
+    """Build a recorded case again and report whether it fails the same way."""
+    from buildfuzz.replay import replay as replay_case
+
+    _configure(log_format)
+    try:
+        report = replay_case(
+            path,
+            runs=runs,
+            build_timeout=parse_duration(build_timeout, option="--build-timeout"),
+            workdir=workdir,
+        )
+    except BuildfuzzError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        typer.echo("buildfuzz: interrupted", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    wanted = str(report.expected) if report.expected else "any failure"
+    typer.echo(f"expected:   {wanted}")
+    for attempt, signature in enumerate(report.signatures, start=1):
+        typer.echo(f"run {attempt}:      {signature}")
+    typer.echo(f"reproduced: {report.reproduced}/{report.runs}")
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def setup(
+    engine: Annotated[
+        list[str] | None, typer.Option(help="Engine to fetch (default: all defined).")
+    ] = None,
+    log_format: LogFormat = "console",
+) -> None:
+    """Download the engines, client and base image parts into the cache."""
+    from buildfuzz.definitions import load_definitions
+    from buildfuzz.install import ensure_installed
+
+    _configure(log_format)
+    try:
+        definitions = load_definitions()
+        names = engine or sorted(definitions.engines)
+        unknown = [name for name in names if name not in definitions.engines]
+        if unknown:
+            raise UsageError(
+                f"unknown engine {unknown[0]!r}; defined engines: "
+                f"{', '.join(sorted(definitions.engines))}"
+            )
+        ensure_installed(definitions, names)
+    except BuildfuzzError as error:
+        _fail(error)
+    typer.echo(f"ready: client, busybox base, engines {', '.join(names)}")
+
+
+@app.command()
+def version() -> None:
+    """Print the buildfuzz version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("buildfuzz: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,234 @@
+"""The fuzzing loop: generate cases, judge builds, shrink new findings.
+
+Generation calls a Hypothesis test through ``fuzz_one_input`` with byte
+buffers from a seeded random generator, so one seed and profile give the
+same cases on every machine with the same builders. Each new signature is
+then shrunk by a second Hypothesis test that fails only when a build
+reproduces that signature, with the ``reuse`` and ``shrink`` phases only.
+
+Hypothesis settings are always given in full: its ``ci`` profile, loaded
+when a CI variable is set, would otherwise switch the database off and
+derandomize, and its 200 ms deadline would fail every build.
+"""
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from hypothesis import HealthCheck, Verbosity, given, settings
+from hypothesis import Phase as HypothesisPhase
+from hypothesis.database import InMemoryExampleDatabase
+from hypothesis.errors import HypothesisException
+from hypothesis.strategies import SearchStrategy
+
+from buildfuzz.case import Case
+from buildfuzz.session import CaseRecord
+from buildfuzz.signature import Signature
+from buildfuzz.verdict import Verdict
+
+log = structlog.get_logger(__name__)
+
+# Bytes handed to one generated case; Hypothesis stops drawing at 8 KiB.
+BUFFER_SIZE = 8192
+CONFIRM_RUNS = 2
+
+
+class SignatureReproduced(Exception):
+    """Raised inside the shrink test when a build gives the target signature."""
+
+
+@dataclass
+class ShrinkResult:
+    case: Case
+    record: CaseRecord
+    builds: int
+    complete: bool
+    reproduced: int = 0
+    attempts: int = 0
+
+
+@dataclass
+class FindingEvent:
+    """A finding as the loop reports it to the results store."""
+
+    signature: Signature
+    original: CaseRecord
+    shrunk: ShrinkResult | None
+    new: bool
+
+
+@dataclass
+class Stats:
+    cases: int = 0
+    passes: int = 0
+    expected: int = 0
+    findings: int = 0
+    shrink_builds: int = 0
+    per_target: dict[str, int] = field(default_factory=dict)
+    per_verdict_target: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def count(self, record: CaseRecord) -> None:
+        self.cases += 1
+        verdict = record.evaluation.verdict
+        if verdict is Verdict.PASS:
+            self.passes += 1
+        elif verdict is Verdict.EXPECTED:
+            self.expected += 1
+        else:
+            self.findings += 1
+        target = f"{record.case.engine}/{record.case.builder}"
+        self.per_target[target] = self.per_target.get(target, 0) + 1
+        by_verdict = self.per_verdict_target.setdefault(target, {})
+        by_verdict[verdict] = by_verdict.get(verdict, 0) + 1
+
+
+def _settings(database: InMemoryExampleDatabase | None, **overrides: object) -> settings:
+    values: dict[str, object] = {
+        "database": database,
+        "deadline": None,
+        "derandomize": False,
+        "max_examples": 1_000_000,
+        "suppress_health_check": list(HealthCheck),
+        "report_multiple_bugs": False,
+        "print_blob": False,
+        "verbosity": Verbosity.quiet,
+        "phases": [HypothesisPhase.reuse, HypothesisPhase.shrink],
+    }
+    values.update(overrides)
+    return settings(**values)  # type: ignore[arg-type]
+
+
+class Fuzzer:
+    """Run cases from ``strategy`` until the budget is spent."""
+
+    def __init__(
+        self,
+        strategy: SearchStrategy[Case],
+        execute: Callable[[Case], CaseRecord],
+        *,
+        seed: int,
+        known: Callable[[Signature], bool],
+        on_finding: Callable[[FindingEvent], None],
+    ) -> None:
+        self.strategy = strategy
+        self.execute = execute
+        self.seed = seed
+        self.known = known
+        self.on_finding = on_finding
+        self.stats = Stats()
+        self.stopped = False
+        self._generate = self._generation_test()
+
+    def _generation_test(self) -> Callable[[bytes], object]:
+        captured = self._captured = []  # type: list[CaseRecord]
+
+        @_settings(None)
+        @given(self.strategy)
+        def generate(case: Case) -> None:
+            captured.append(self.execute(case))
+
+        return generate.hypothesis.fuzz_one_input  # type: ignore[attr-defined]
+
+    def buffer(self, index: int) -> bytes:
+        """Return the input bytes of case ``index``: a pure function of the seed."""
+        return random.Random(f"{self.seed}:{index}").randbytes(BUFFER_SIZE)
+
+    def run(self, deadline: float, shrink_budget: float) -> Stats:
+        index = 0
+        while not self.stopped and time.monotonic() < deadline:
+            buffer = self.buffer(index)
+            index += 1
+            self._captured.clear()
+            self._generate(buffer)
+            if not self._captured:
+                continue  # the buffer did not describe a valid case
+
+            record = self._captured[0]
+            self.stats.count(record)
+            if record.evaluation.verdict is Verdict.FINDING:
+                self._handle_finding(buffer, record, deadline, shrink_budget)
+
+        return self.stats
+
+    def _handle_finding(
+        self, buffer: bytes, record: CaseRecord, deadline: float, shrink_budget: float
+    ) -> None:
+        signature = record.evaluation.signature
+        assert signature is not None
+        if self.known(signature):
+            self.on_finding(FindingEvent(signature, record, None, new=False))
+            return
+
+        shrink_deadline = min(deadline, time.monotonic() + shrink_budget)
+        shrunk = None
+        if time.monotonic() < shrink_deadline:
+            log.info("shrinking new finding", signature=str(signature), id=signature.id)
+            shrunk = self.shrink(buffer, signature, shrink_deadline)
+        else:
+            log.info("budget spent; writing the finding unshrunk", id=signature.id)
+        if shrunk is not None:
+            self.confirm(shrunk, signature)
+        self.on_finding(FindingEvent(signature, record, shrunk, new=True))
+
+    def shrink(
+        self, buffer: bytes, signature: Signature, deadline: float
+    ) -> ShrinkResult | None:
+        """Shrink the case of ``buffer`` while it reproduces ``signature``.
+
+        Returns None when the case does not fail the same way on a re-run.
+        """
+        best: list[CaseRecord] = []
+        seen: dict[str, bool] = {}
+        builds = 0
+        budget_spent = False
+
+        @_settings(InMemoryExampleDatabase())
+        @given(self.strategy)
+        def reproduces(case: Case) -> None:
+            nonlocal builds, budget_spent
+            key = case.to_json()
+            if key in seen:
+                matched = seen[key]
+            elif time.monotonic() >= deadline:
+                budget_spent = True
+                return
+            else:
+                builds += 1
+                record = self.execute(case)
+                matched = record.evaluation.signature == signature
+                seen[key] = matched
+                if matched:
+                    best.append(record)
+            if matched:
+                raise SignatureReproduced(signature.id)
+
+        try:
+            # Re-running the original case stores it in the database, and
+            # only a case that fails again is worth shrinking.
+            reproduces.hypothesis.fuzz_one_input(buffer)  # type: ignore[attr-defined]
+        except SignatureReproduced:
+            pass
+        if not best:
+            log.info("finding did not reproduce; not shrinking", id=signature.id)
+            self.stats.shrink_builds += builds
+            return None
+
+        try:
+            reproduces()
+        except (SignatureReproduced, HypothesisException, ExceptionGroup):
+            pass  # the minimal case is in ``best``; Hypothesis' report is not used
+        self.stats.shrink_builds += builds
+
+        return ShrinkResult(
+            case=best[-1].case, record=best[-1], builds=builds, complete=not budget_spent
+        )
+
+    def confirm(self, shrunk: ShrinkResult, signature: Signature) -> None:
+        """Re-run the shrunk case to measure how often it reproduces."""
+        for _ in range(CONFIRM_RUNS):
+            record = self.execute(shrunk.case)
+            shrunk.attempts += 1
+            if record.evaluation.signature == signature:
+                shrunk.reproduced += 1

@@ -1,0 +1,50 @@
+"""structlog set-up for the command line; library modules only log events."""
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+_secrets: set[str] = set()
+REDACTED = "***"
+
+
+def add_secrets(values: Iterable[str]) -> None:
+    """Register values that must never appear in a log line."""
+    _secrets.update(value for value in values if len(value) >= 3)
+
+
+def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    if not _secrets:
+        return event
+    for key, value in event.items():
+        if isinstance(value, str):
+            for secret in _secrets:
+                value = value.replace(secret, REDACTED)
+            event[key] = value
+    return event
+
+
+def configure(log_format: str = "console", *, verbose: bool = False) -> None:
+    """Send events to stderr as readable lines or as JSON lines."""
+    level = logging.DEBUG if verbose else logging.INFO
+    renderer: Any
+    if log_format == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+        renderer,
+    ]
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,215 @@
+"""Write ``repro.sh``: a standalone reproduction that needs only docker.
+
+The script recreates the context with plain shell commands (file content
+is a 64-byte block repeated, see ``context.content_block``), imports the
+busybox base from a payload appended to the script when the case uses it,
+runs the same docker command that buildfuzz ran, and checks the log for
+the finding's error message.
+"""
+
+import base64
+import re
+import shlex
+import stat
+import tempfile
+from pathlib import Path
+
+from buildfuzz.baseimage import busybox_rootfs_tar
+from buildfuzz.build import IMAGE_NAME
+from buildfuzz.case import Case, ContextFile, FileKind, Output
+from buildfuzz.context import content_block
+from buildfuzz.signature import Phase, Signature
+from buildfuzz.strategies import BUSYBOX_IMAGE
+
+PAYLOAD_MARKER = "__BUSYBOX_ROOTFS_BASE64__"
+_PLACEHOLDER = re.compile(r'"<q>"|\'<q>\'|<(?:n|digest|id|path|ref|time|dur|q)>')
+
+
+def signature_pattern(signature: Signature) -> str:
+    """Return an extended regular expression matching the raw error text."""
+    parts = []
+    position = 0
+    for match in _PLACEHOLDER.finditer(signature.message):
+        parts.append(re.escape(signature.message[position : match.start()]))
+        parts.append(".*")
+        position = match.end()
+    parts.append(re.escape(signature.message[position:]))
+    pattern = "".join(parts)
+    # Normalisation folded runs of white space into one space.
+    return re.sub(r"(\\ )+", "[[:space:]]+", pattern).replace("\\-", "-")
+
+
+def ansi_quote(text: str) -> str:
+    """Quote ``text`` as a bash $'...' string that holds any byte but NUL."""
+    out = []
+    for byte in text.encode("utf-8", "surrogateescape"):
+        char = chr(byte)
+        if 32 <= byte < 127 and char not in "'\\":
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return "$'" + "".join(out) + "'"
+
+
+def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
+    """Return the text of ``repro.sh`` for ``case`` failing with ``signature``."""
+    uses_busybox = any(BUSYBOX_IMAGE in line for line in case.dockerfile)
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Reproduction written by buildfuzz; it needs only docker (and the buildx",
+        "# plugin for BuildKit builds). It uses the daemon that docker talks to",
+        "# (DOCKER_HOST or the current context), builds one image, removes what",
+        "# it created, and exits 0 when the failure reproduced, 1 when not.",
+        f"# Signature ({signature.phase}): {signature.message}",
+        "set -u",
+        'work=$(mktemp -d "${TMPDIR:-/tmp}/buildfuzz-repro.XXXXXX")',
+        f"image={IMAGE_NAME}-repro:latest",
+        "cleanup() {",
+        '  docker image rm -f "$image" >/dev/null 2>&1',
+        '  rm -rf "$work"',
+        "}",
+        "trap cleanup EXIT",
+        "",
+        "fill() {  # fill PATH SIZE BLOCK: BLOCK repeated up to SIZE bytes",
+        '  printf "$3" > "$work/block"',
+        '  : > "$work/big"',
+        '  while [ "$(stat -c %s "$work/big")" -lt "$2" ]; do',
+        '    cat "$work/block" >> "$work/big"',
+        '    cat "$work/big" "$work/big" > "$work/twice" && mv "$work/twice" "$work/big"',
+        "  done",
+        '  head -c "$2" "$work/big" > "$1"',
+        "}",
+        "",
+        'ctx="$work/context"',
+        'mkdir "$ctx"',
+        *_context_commands(case),
+        f'printf %s {ansi_quote(case.dockerfile_text)} > "$ctx/Dockerfile"',
+    ]
+    if case.dockerignore is not None:
+        text = "\n".join(case.dockerignore) + "\n"
+        lines.append(f'printf %s {ansi_quote(text)} > "$ctx/.dockerignore"')
+    if uses_busybox:
+        lines += _busybox_import()
+
+    lines += ["", *_build_commands(case, timeout), *_verdict(signature)]
+    script = "\n".join(lines) + "\n"
+    if uses_busybox:
+        script += _busybox_payload()
+    return script
+
+
+def _context_commands(case: Case) -> list[str]:
+    commands = []
+    for entry in case.files:
+        path = f'"$ctx"/{ansi_quote(entry.path)}'
+        commands.append(f"mkdir -p \"$(dirname {path})\"")
+        commands.append(_create(entry, path))
+    for entry in sorted(case.files, key=lambda e: e.path.count("/"), reverse=True):
+        if entry.kind is FileKind.HARDLINK:
+            continue
+        path = f'"$ctx"/{ansi_quote(entry.path)}'
+        commands.append(f"chown -h {entry.uid}:{entry.gid} {path}")
+        if entry.kind is not FileKind.SYMLINK:
+            commands.append(f"chmod {stat.S_IMODE(entry.mode):04o} {path}")
+        seconds, nanoseconds = divmod(entry.mtime_ns, 1_000_000_000)
+        commands.append(f"touch -h -d @{seconds}.{nanoseconds:09d} {path}")
+    return commands
+
+
+def _create(entry: ContextFile, path: str) -> str:
+    if entry.kind is FileKind.FILE:
+        block = "".join(f"\\{byte:03o}" for byte in content_block(entry.seed))
+        return f"fill {path} {entry.size} '{block}'"
+    if entry.kind is FileKind.DIR:
+        return f"mkdir -p {path}"
+    if entry.kind is FileKind.SYMLINK:
+        return f"ln -s {ansi_quote(entry.target)} {path}"
+    if entry.kind is FileKind.HARDLINK:
+        return f'ln "$ctx"/{ansi_quote(entry.target)} {path}'
+    return f"mkfifo {path}"
+
+
+def _busybox_import() -> list[str]:
+    return [
+        f"sed -n '/^{PAYLOAD_MARKER}$/,$p' \"$0\" | tail -n +2 | base64 -d "
+        '> "$work/busybox.tar"',
+        "docker import --change 'ENV PATH=/bin' --change 'CMD [\"/bin/sh\"]' "
+        f'"$work/busybox.tar" {BUSYBOX_IMAGE} >/dev/null || exit 2',
+    ]
+
+
+def _busybox_payload() -> str:
+    from buildfuzz.install import busybox_binary
+
+    with tempfile.TemporaryDirectory() as directory:
+        tar_path = busybox_rootfs_tar(Path(busybox_binary()), Path(directory) / "r.tar")
+        encoded = base64.encodebytes(tar_path.read_bytes()).decode()
+    return f"exit 2\n{PAYLOAD_MARKER}\n{encoded}"
+
+
+def build_command(case: Case, *, classic: bool) -> list[str]:
+    """Return the docker command line of ``case``, as a list of words.
+
+    It matches what ``build.CaseRunner`` asks python-on-whales to run.
+    """
+    if classic:
+        command = ["docker", "build", "--tag", "$image"]
+    else:
+        command = ["docker", "buildx", "build", "--progress", "plain"]
+        command += ["--network", "none"]
+        if case.output is Output.LOAD:
+            command += ["--load", "--tag", "$image"]
+        elif case.output is Output.TAR:
+            command += ["--output", "type=tar,dest=$work/rootfs.tar"]
+        elif case.output is Output.LOCAL:
+            command += ["--output", "type=local,dest=$work/rootfs"]
+        elif case.output is Output.DOCKER_TAR:
+            command += ["--output", "type=docker,dest=$work/image.tar,name=$image"]
+    if case.platform:
+        command += ["--platform", case.platform]
+    for name, value in case.build_args:
+        command += ["--build-arg", f"{name}={value}"]
+    return [*command, "$ctx"]
+
+
+def _build_commands(case: Case, timeout: float) -> list[str]:
+    from buildfuzz.definitions import load_definitions
+
+    classic = load_definitions().builders[case.builder].classic
+    words = [_shell_word(word) for word in build_command(case, classic=classic)]
+    prefix = "DOCKER_BUILDKIT=0 " if classic else ""
+    lines = [
+        f"{prefix}timeout {int(timeout)} {' '.join(words)} > \"$work/build.log\" 2>&1",
+        "status=$?",
+        'cat "$work/build.log"',
+    ]
+    if case.output is Output.DOCKER_TAR:
+        lines += [
+            'if [ "$status" -eq 0 ]; then',
+            '  docker load -i "$work/image.tar" > "$work/build.log" 2>&1; status=$?',
+            '  cat "$work/build.log"',
+            "fi",
+        ]
+    return lines
+
+
+def _shell_word(word: str) -> str:
+    if "$" in word:
+        return '"' + word + '"'  # one of the script's own variables
+    return shlex.quote(word)
+
+
+def _verdict(signature: Signature) -> list[str]:
+    if signature.phase is Phase.HANG:
+        check = '[ "$status" -eq 124 ]'
+    else:
+        pattern = shlex.quote(signature_pattern(signature))
+        check = f'[ "$status" -ne 0 ] && grep -Eq -- {pattern} "$work/build.log"'
+    return [
+        f"if {check}; then",
+        '  echo "buildfuzz repro: REPRODUCED"',
+        "  exit 0",
+        "fi",
+        'echo "buildfuzz repro: did not reproduce (exit status $status)"',
+        "exit 1",
+    ]

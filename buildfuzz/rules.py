@@ -1,0 +1,104 @@
+"""Expected-failure rules: failures the builder is right to give.
+
+Rules live in ``strategies/rules/NAME.toml``. A rule names the cases it
+applies to (builders, engines, a pattern over the Dockerfile and
+.dockerignore) and the message the builder must give. A failure of such a
+case with such a message is an expected failure, not a finding.
+"""
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from buildfuzz.case import Case
+from buildfuzz.errors import DataFileError
+from buildfuzz.paths import strategies_dir
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    reason: str
+    message: re.Pattern[str]
+    builders: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ()
+    dockerfile: re.Pattern[str] | None = None
+    dockerignore: re.Pattern[str] | None = None
+    files: re.Pattern[str] | None = None
+
+    def applies_to(self, case: Case) -> bool:
+        if self.builders and case.builder not in self.builders:
+            return False
+        if self.engines and case.engine not in self.engines:
+            return False
+        if self.dockerfile and not self.dockerfile.search(case.dockerfile_text):
+            return False
+        if self.dockerignore:
+            text = "\n".join(case.dockerignore or ())
+            if not self.dockerignore.search(text):
+                return False
+        if self.files and not self.files.search(context_listing(case)):
+            return False
+        return True
+
+    def explains(self, case: Case, log: str) -> bool:
+        return self.applies_to(case) and bool(self.message.search(log))
+
+
+def load_rules(name: str) -> tuple[Rule, ...]:
+    """Load the rule set ``name``; the name "none" gives no rules."""
+    if name in ("", "none"):
+        return ()
+    path = Path(name) if name.endswith(".toml") else strategies_dir() / "rules" / f"{name}.toml"
+    try:
+        with path.open("rb") as stream:
+            data = tomllib.load(stream)
+    except FileNotFoundError:
+        raise DataFileError(path, f"rule set {name!r} not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise DataFileError(path, f"invalid TOML: {error}") from None
+
+    entries = data.get("rule", [])
+    if not isinstance(entries, list):
+        raise DataFileError(path, "rules must be [[rule]] tables")
+    try:
+        return tuple(_rule(entry) for entry in entries)
+    except (KeyError, TypeError, ValueError, re.error) as error:
+        raise DataFileError(path, f"invalid rule: {error}") from None
+
+
+def _rule(entry: dict[str, Any]) -> Rule:
+    allowed = {"id", "reason", "message", "builders", "engines"}
+    allowed |= {"dockerfile", "dockerignore", "files"}
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in rule {entry.get('id')!r}")
+
+    def optional(key: str) -> re.Pattern[str] | None:
+        return re.compile(entry[key]) if key in entry else None
+
+    return Rule(
+        id=str(entry["id"]),
+        reason=str(entry["reason"]),
+        message=re.compile(entry["message"]),
+        builders=tuple(entry.get("builders", ())),
+        engines=tuple(entry.get("engines", ())),
+        dockerfile=optional("dockerfile"),
+        dockerignore=optional("dockerignore"),
+        files=optional("files"),
+    )
+
+
+def context_listing(case: Case) -> str:
+    """List the context one file a line, as ``KIND PATH -> TARGET``."""
+    lines = []
+    for entry in case.files:
+        suffix = f" -> {entry.target}" if entry.target else ""
+        lines.append(f"{entry.kind} {entry.path}{suffix}")
+    return "\n".join(lines)
+
+
+def matching_rule(rules: tuple[Rule, ...], case: Case, log: str) -> Rule | None:
+    return next((rule for rule in rules if rule.explains(case, log)), None)
