@@ -131,7 +131,9 @@ def run_campaign(options: RunOptions) -> RunSummary:
         results=options.results,
     )
     session: Session | None = None
-    log.info("run started", seed=seed, profile=prepared.profile.name, budget=options.budget)
+    log.info(
+        "run started", seed=seed, profile=prepared.profile.name, budget=options.budget
+    )
     try:
         tools = ClientTools.prepare(tree_path(CLIENT_TREE), run_dir)
         session = Session(
@@ -154,6 +156,7 @@ def run_campaign(options: RunOptions) -> RunSummary:
         summary.stats = fuzzer.stats
         shrink_budget = options.shrink_budget or max(60.0, options.budget * 0.25)
         fuzzer.run(started + options.budget, shrink_budget)
+        summary.interrupted = fuzzer.interrupted
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("run interrupted; stopping engines and writing the summary")
@@ -212,7 +215,10 @@ class _FindingWriter:
         signature = event.signature
         if not event.new:
             self.store.seen_again(signature.id)
-            if signature.id not in self.summary.known_findings + self.summary.new_findings:
+            if (
+                signature.id
+                not in self.summary.known_findings + self.summary.new_findings
+            ):
                 self.summary.known_findings.append(signature.id)
             return
 

@@ -81,7 +81,9 @@ class Case:
     @property
     def id(self) -> str:
         """A short content hash that names the case in logs."""
-        return hashlib.sha256(self.to_json().encode("utf-8", "surrogatepass")).hexdigest()[:10]
+        return hashlib.sha256(
+            self.to_json().encode("utf-8", "surrogatepass")
+        ).hexdigest()[:10]
 
     @property
     def dockerfile_text(self) -> str:
@@ -204,7 +206,6 @@ def load_case(path: Path) -> Case:
     return case_from_dict(data, source=path)
 
 
-
 __all__ = [
     "CASE_SCHEMA",
     "Case",
@@ -215,4 +216,3 @@ __all__ = [
     "check_context_path",
     "load_case",
 ]
-

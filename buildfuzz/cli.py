@@ -31,9 +31,7 @@ LogFormat = Annotated[
 ]
 Workdir = Annotated[
     Path,
-    typer.Option(
-        "--workdir", help="Directory for sandbox engines and build contexts."
-    ),
+    typer.Option("--workdir", help="Directory for sandbox engines and build contexts."),
 ]
 
 
@@ -72,7 +70,9 @@ def run(
     ] = "1m",
     shrink_budget: Annotated[
         str | None,
-        typer.Option(help="Time to shrink each new finding (default: budget/4, >= 1m)."),
+        typer.Option(
+            help="Time to shrink each new finding (default: budget/4, >= 1m)."
+        ),
     ] = None,
     strict: Annotated[
         bool, typer.Option(help="Report every failure, even expected ones.")

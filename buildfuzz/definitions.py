@@ -120,7 +120,9 @@ def _packages(raw: Any) -> tuple[PackageSet, ...]:
 
 
 def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
-    unknown = sorted(set(raw) - {"description", "storage_driver", "packages", "features"})
+    unknown = sorted(
+        set(raw) - {"description", "storage_driver", "packages", "features"}
+    )
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
     features = raw.get("features", {})

@@ -84,7 +84,9 @@ class Stats:
         by_verdict[verdict] = by_verdict.get(verdict, 0) + 1
 
 
-def _settings(database: InMemoryExampleDatabase | None, **overrides: object) -> settings:
+def _settings(
+    database: InMemoryExampleDatabase | None, **overrides: object
+) -> settings:
     values: dict[str, object] = {
         "database": database,
         "deadline": None,
@@ -119,6 +121,7 @@ class Fuzzer:
         self.on_finding = on_finding
         self.stats = Stats()
         self.stopped = False
+        self.interrupted = False
         self._generate = self._generation_test()
 
     def _generation_test(self) -> Callable[[bytes], object]:
@@ -163,13 +166,19 @@ class Fuzzer:
 
         shrink_deadline = min(deadline, time.monotonic() + shrink_budget)
         shrunk = None
-        if time.monotonic() < shrink_deadline:
-            log.info("shrinking new finding", signature=str(signature), id=signature.id)
-            shrunk = self.shrink(buffer, signature, shrink_deadline)
-        else:
-            log.info("budget spent; writing the finding unshrunk", id=signature.id)
-        if shrunk is not None:
-            self.confirm(shrunk, signature)
+        try:
+            if time.monotonic() < shrink_deadline:
+                log.info(
+                    "shrinking new finding", signature=str(signature), id=signature.id
+                )
+                shrunk = self.shrink(buffer, signature, shrink_deadline)
+            else:
+                log.info("budget spent; writing the finding unshrunk", id=signature.id)
+            if shrunk is not None and not self.interrupted:
+                self.confirm(shrunk, signature)
+        except KeyboardInterrupt:
+            log.warning("interrupted; writing the finding as it is", id=signature.id)
+            self.interrupted = self.stopped = True
         self.on_finding(FindingEvent(signature, record, shrunk, new=True))
 
     def shrink(
@@ -197,7 +206,12 @@ class Fuzzer:
             else:
                 builds += 1
                 record = self.execute(case)
-                matched = record.evaluation.signature == signature
+                # A rule-explained failure with the same text is not the
+                # finding; shrinking must not drift into it.
+                matched = (
+                    record.evaluation.verdict is Verdict.FINDING
+                    and record.evaluation.signature == signature
+                )
                 seen[key] = matched
                 if matched:
                     best.append(record)
@@ -219,10 +233,18 @@ class Fuzzer:
             reproduces()
         except (SignatureReproduced, HypothesisException, ExceptionGroup):
             pass  # the minimal case is in ``best``; Hypothesis' report is not used
+        except KeyboardInterrupt:
+            # Keep the smallest case so far; the run stops after writing it.
+            log.warning("shrinking interrupted; keeping the best case so far")
+            self.interrupted = self.stopped = True
+            budget_spent = True
         self.stats.shrink_builds += builds
 
         return ShrinkResult(
-            case=best[-1].case, record=best[-1], builds=builds, complete=not budget_spent
+            case=best[-1].case,
+            record=best[-1],
+            builds=builds,
+            complete=not budget_spent,
         )
 
     def confirm(self, shrunk: ShrinkResult, signature: Signature) -> None:
@@ -230,5 +252,9 @@ class Fuzzer:
         for _ in range(CONFIRM_RUNS):
             record = self.execute(shrunk.case)
             shrunk.attempts += 1
-            if record.evaluation.signature == signature:
+            evaluation = record.evaluation
+            if (
+                evaluation.verdict is Verdict.FINDING
+                and evaluation.signature == signature
+            ):
                 shrunk.reproduced += 1

@@ -75,7 +75,9 @@ def _download(package_set: PackageSet) -> list[Path]:
     archive = apt_dir / "debs"
     archive.mkdir(parents=True, exist_ok=True)
     found = [_cached_deb(archive, name) for name in package_set.names]
-    missing = [name for name, deb in zip(package_set.names, found) if deb is None]
+    missing = [
+        name for name, deb in zip(package_set.names, found, strict=True) if deb is None
+    ]
     if missing:
         _run(
             ["apt-get", *options, "download", *missing],
@@ -131,7 +133,8 @@ def _update_lists(apt_dir: Path, options: list[str], suite: str) -> None:
         return
     if not KEYRING.exists():
         raise SetupError(
-            f"{KEYRING} not found; install it with: apt-get install debian-archive-keyring"
+            f"{KEYRING} not found; "
+            "install it with: apt-get install debian-archive-keyring"
         )
     _run(["apt-get", *options, "update"], f"read Debian {suite} package lists")
     stamp.touch()

@@ -177,7 +177,9 @@ def _enum(enum_type: Any, value: Any, label: str) -> Any:
         return enum_type(value)
     except ValueError:
         choices = ", ".join(member.value for member in enum_type)
-        raise ValueError(f"{label}: unknown value {value!r}; use one of {choices}")
+        raise ValueError(
+            f"{label}: unknown value {value!r}; use one of {choices}"
+        ) from None
 
 
 def _choice(value: Any, choices: tuple[str, ...], label: str) -> str:

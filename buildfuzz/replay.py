@@ -62,13 +62,19 @@ def replay(
     try:
         tools = ClientTools.prepare(tree_path(CLIENT_TREE), run_dir)
         session = Session(
-            definitions, tools, run_dir, rules=load_rules("none"), build_timeout=build_timeout
+            definitions,
+            tools,
+            run_dir,
+            rules=load_rules("none"),
+            build_timeout=build_timeout,
         )
         for attempt in range(1, runs + 1):
             record = session.execute(case)
             signature = record.evaluation.signature
             report.signatures.append(str(signature) if signature else "pass")
-            matched = signature is not None and (expected is None or signature == expected)
+            matched = signature is not None and (
+                expected is None or signature == expected
+            )
             report.reproduced += matched
             log.info(
                 "replay",

@@ -22,7 +22,9 @@ from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
 
 PAYLOAD_MARKER = "__BUSYBOX_ROOTFS_BASE64__"
-_PLACEHOLDER = re.compile(r'"<q>"|\'<q>\'|<(?:n|digest|id|path|ref|time|dur|q)>')
+_PLACEHOLDER = re.compile(
+    r'"<q>"|\'<q>\'|<(?:n|digest|id|path|ref|time|dur|q|uuid|image|name)>'
+)
 
 
 def signature_pattern(signature: Signature) -> str:
@@ -75,7 +77,8 @@ def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
         '  : > "$work/big"',
         '  while [ "$(stat -c %s "$work/big")" -lt "$2" ]; do',
         '    cat "$work/block" >> "$work/big"',
-        '    cat "$work/big" "$work/big" > "$work/twice" && mv "$work/twice" "$work/big"',
+        '    cat "$work/big" "$work/big" > "$work/twice"',
+        '    mv "$work/twice" "$work/big"',
         "  done",
         '  head -c "$2" "$work/big" > "$1"',
         "}",
@@ -102,7 +105,7 @@ def _context_commands(case: Case) -> list[str]:
     commands = []
     for entry in case.files:
         path = f'"$ctx"/{ansi_quote(entry.path)}'
-        commands.append(f"mkdir -p \"$(dirname {path})\"")
+        commands.append(f'mkdir -p "$(dirname {path})"')
         commands.append(_create(entry, path))
     for entry in sorted(case.files, key=lambda e: e.path.count("/"), reverse=True):
         if entry.kind is FileKind.HARDLINK:
@@ -179,7 +182,7 @@ def _build_commands(case: Case, timeout: float) -> list[str]:
     words = [_shell_word(word) for word in build_command(case, classic=classic)]
     prefix = "DOCKER_BUILDKIT=0 " if classic else ""
     lines = [
-        f"{prefix}timeout {int(timeout)} {' '.join(words)} > \"$work/build.log\" 2>&1",
+        f'{prefix}timeout {int(timeout)} {" ".join(words)} > "$work/build.log" 2>&1',
         "status=$?",
         'cat "$work/build.log"',
     ]

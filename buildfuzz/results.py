@@ -81,7 +81,9 @@ class ResultsStore:
     def check(root: Path) -> None:
         """Raise ResultsError if ``root`` cannot hold results; changes nothing."""
         if root.exists() and not root.is_dir():
-            raise ResultsError(f"results path {root} is not a directory; give a directory")
+            raise ResultsError(
+                f"results path {root} is not a directory; give a directory"
+            )
         marker = root / FORMAT_FILE
         if marker.exists():
             found = marker.read_text().strip()

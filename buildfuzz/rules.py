@@ -51,7 +51,11 @@ def load_rules(name: str) -> tuple[Rule, ...]:
     """Load the rule set ``name``; the name "none" gives no rules."""
     if name in ("", "none"):
         return ()
-    path = Path(name) if name.endswith(".toml") else strategies_dir() / "rules" / f"{name}.toml"
+    path = (
+        Path(name)
+        if name.endswith(".toml")
+        else strategies_dir() / "rules" / f"{name}.toml"
+    )
     try:
         with path.open("rb") as stream:
             data = tomllib.load(stream)

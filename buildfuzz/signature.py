@@ -15,6 +15,7 @@ class Phase(StrEnum):
     """Where in a build a failure happened."""
 
     CONTEXT = "context"  # reading or sending the build context
+    OPTIONS = "options"  # the client rejected a build option before building
     DOCKERFILE = "dockerfile"  # reading or parsing the Dockerfile
     PULL = "pull"  # resolving or pulling a base image
     SOLVE = "solve"  # running a build step
@@ -44,15 +45,43 @@ MAX_MESSAGE = 300
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # Order matters: digests before ids before numbers, quoted text before paths.
 _REPLACEMENTS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^(Error response from daemon: )+"), ""),
     (re.compile(r"\b\d{4}-\d\d-\d\dT[\d:.]+(?:Z|[+-]\d\d:\d\d)?"), "<time>"),
+    # Image references with a registry host, as in localhost:5000/name:tag.
+    (
+        re.compile(
+            r"\b(?:localhost|[\w-]+(?:\.[\w-]+)+)(?::\d+)?/[\w./-]+"
+            r"(?::[\w.-]+)?(?:@sha256:[0-9a-f]+)?"
+        ),
+        "<image>",
+    ),
+    (re.compile(r"\b(for (?:user|group)) [^\s:]+"), r"\1 <name>"),
+    (
+        re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"),
+        "<uuid>",
+    ),
     (re.compile(r"\bsha(?:256|512):[0-9a-f]{12,}"), "<digest>"),
     (re.compile(r"\b[0-9a-f]{64}\b"), "<digest>"),
     (re.compile(r"\b(?=[0-9a-z]*\d)[0-9a-z]{25}\b"), "<ref>"),  # BuildKit refs
     (re.compile(r"\b(?=[0-9a-f]*\d)[0-9a-f]{12,}\b"), "<id>"),
     (re.compile(r"\"(?:[^\"\\]|\\.)*\""), '"<q>"'),
     (re.compile(r"'(?:[^'\\]|\\.)*'"), "'<q>'"),
-    (re.compile(r"(?<![\w<])/(?:[^\s:\"',;()\[\]]+)"), "<path>"),
-    (re.compile(r"\b(l?stat|open|readlink|lchown|chown|mkdir) [^\s:]+:"), r"\1 <path>:"),
+    # Absolute paths. The basename stays where it is a fixed name of an image
+    # or build layout, because it tells causes apart ("manifest.json" missing
+    # is not "json" missing); other basenames are the case's own file names.
+    (
+        re.compile(
+            r"(?<![\w<])/(?:[^\s:\"',;()\[\]]+/)?(json|manifest\.json|"
+            r"repositories|index\.json|oci-layout|VERSION|layer\.tar|"
+            r"Dockerfile|\.dockerignore)(?=[\s:\"',;)]|$)"
+        ),
+        r"<path>/\1",
+    ),
+    (re.compile(r"(?<![\w<>])/(?:[^\s:\"',;()\[\]]+)"), "<path>"),
+    (
+        re.compile(r"\b(l?stat|open|readlink|lchown|chown|mkdir) (?!<)[^\s:]+:"),
+        r"\1 <path>:",
+    ),
     (re.compile(r"\b\d+(?:\.\d+)?(?:ms|s|m)\b"), "<dur>"),
     (re.compile(r"\d+"), "<n>"),
     (re.compile(r"\s+"), " "),
@@ -70,7 +99,10 @@ def normalise(message: str) -> str:
 # Names of BuildKit vertices, and the phase a failure in each belongs to.
 _VERTEX_PHASES: tuple[tuple[re.Pattern[str], Phase], ...] = (
     (re.compile(r"\[internal\] load build context"), Phase.CONTEXT),
-    (re.compile(r"\[internal\] load (build definition|\.dockerignore)"), Phase.DOCKERFILE),
+    (
+        re.compile(r"\[internal\] load (build definition|\.dockerignore)"),
+        Phase.DOCKERFILE,
+    ),
     (re.compile(r"\[internal\] load metadata for"), Phase.PULL),
     (re.compile(r"\] FROM |resolve image config|\[internal\] load remote"), Phase.PULL),
     (re.compile(r"^export|^exporting|^sending tarball|^writing image"), Phase.EXPORT),
@@ -113,7 +145,9 @@ def buildx_signature(log: str) -> Signature:
 def classic_signature(log: str) -> Signature:
     """Return the signature of a failed classic ``docker build`` log."""
     lines = [
-        line for line in log.splitlines() if line.strip() and not _CLASSIC_NOISE.match(line)
+        line
+        for line in log.splitlines()
+        if line.strip() and not _CLASSIC_NOISE.match(line)
     ]
     message = lines[-1] if lines else "no output"
     return Signature(_phase_from_message(message), normalise(message))
@@ -123,7 +157,7 @@ def load_signature(log: str) -> Signature:
     return Signature(Phase.LOAD, normalise(_last_line(log)))
 
 
-def timeout_signature(timeout: float) -> Signature:
+def timeout_signature() -> Signature:
     return Signature(Phase.HANG, "build did not finish within its timeout")
 
 

@@ -7,7 +7,7 @@ shrinking moves each axis towards its first (default) value.
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hypothesis import strategies as st
 
@@ -126,16 +126,16 @@ def _place(
     if entry.kind is FileKind.HARDLINK:
         sources = [other for other in entries if other.kind is FileKind.FILE]
         if not sources:
-            return ContextFile(**{**_fields(entry), "kind": FileKind.FILE, "target": ""})
+            return replace(entry, kind=FileKind.FILE, target="")
         # A hardlink shares the inode, and so every attribute, of its source.
         source = sources[entry.seed % len(sources)]
-        return ContextFile(**{**_fields(source), "path": entry.path,
-                              "kind": FileKind.HARDLINK, "target": source.path})
+        return replace(
+            source, path=entry.path, kind=FileKind.HARDLINK, target=source.path
+        )
     if entry.kind is FileKind.SYMLINK:
-        target = entry.target or _relative_target(entry, entries)
-        return ContextFile(**{**_fields(entry), "target": target})
+        return replace(entry, target=entry.target or _relative_target(entry, entries))
 
-    return ContextFile(**{**_fields(entry), "target": ""})
+    return replace(entry, target="")
 
 
 def _relative_target(entry: ContextFile, entries: list[ContextFile]) -> str:
@@ -153,11 +153,9 @@ def _kind_of(path: str, entries: list[ContextFile]) -> FileKind | None:
     return None
 
 
-def _fields(entry: ContextFile) -> dict[str, object]:
-    return {name: getattr(entry, name) for name in ContextFile.__dataclass_fields__}
-
-
-def dockerignore_patterns(profile: Profile) -> st.SearchStrategy[tuple[str, ...] | None]:
+def dockerignore_patterns(
+    profile: Profile,
+) -> st.SearchStrategy[tuple[str, ...] | None]:
     pool = profile.context.dockerignore
     if not pool:
         return st.none()

@@ -53,7 +53,11 @@ def judge(
             Verdict.FINDING, engine_signature(daemon_log_tail), Oracle.ENGINE_HEALTH
         )
     if result.timed_out:
-        return Evaluation(Verdict.FINDING, timeout_signature(0), Oracle.TIMEOUT)
+        signature = timeout_signature()
+        rule = None if strict else matching_rule(rules, case, signature.message)
+        if rule is not None:
+            return Evaluation(Verdict.EXPECTED, signature, rule=rule.id)
+        return Evaluation(Verdict.FINDING, signature, Oracle.TIMEOUT)
     if result.succeeded:
         return Evaluation(Verdict.PASS)
 

@@ -68,7 +68,7 @@ def _owner_alive(run_dir: Path) -> bool:
 
 
 def kill_processes_under(directory: Path) -> None:
-    """Kill every process whose command line or working directory is under ``directory``."""
+    """Kill every process that runs in, or names a path under, ``directory``."""
     prefix = str(directory)
     victims = []
     for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
