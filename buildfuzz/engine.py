@@ -24,6 +24,7 @@ from buildfuzz.workdir import kill_processes_under, remove_tree
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 60.0
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 CLOSED_PROXY = "http://127.0.0.1:9"  # the discard port; nothing listens there
 STOP_TIMEOUT = 20.0
 
@@ -73,6 +74,11 @@ class SandboxEngine:
                 "run buildfuzz as root"
             )
 
+        if len(str(self.socket)) > MAX_SOCKET_PATH:
+            raise EngineError(
+                f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes, "
+                "the limit of unix sockets; give a shorter --workdir"
+            )
         self.directory.mkdir(parents=True)
         command = [str(dockerd), *self._daemon_arguments()]
         log_file = self.log_path.open("wb")

@@ -1,0 +1,3 @@
+from buildfuzz.cli import main
+
+main()

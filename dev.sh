@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Set up buildfuzz on this machine, then run a command. Every step is
+# skipped when its result is already there, so reruns start at once.
+#
+#   ./dev.sh run --budget 2m     fuzz for two minutes on the default engine
+#   ./dev.sh test [PYTEST ARGS]  run the whole test suite
+#   ./dev.sh lint                ruff and mypy
+#   ./dev.sh ARGS...             any other buildfuzz command, e.g. replay DIR
+#
+# Needs root on Debian (12 or 13): it installs Debian packages with apt-get,
+# and buildfuzz starts its own Docker daemons.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+cache="${BUILDFUZZ_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/buildfuzz}"
+export PIP_CACHE_DIR="$cache/pip"
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "dev.sh: run as root: buildfuzz starts Docker daemons and installs packages" >&2
+  exit 2
+fi
+
+# Debian packages: apt tools and keyring to fetch the engines, Python to
+# run buildfuzz, and the libraries that the engines' binaries link to.
+debian_packages=(apt dpkg debian-archive-keyring python3 python3-venv
+  libseccomp2 libsystemd0 libcap2 util-linux coreutils)
+missing=()
+for package in "${debian_packages[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+python=$(command -v python3 || true)
+if [ -n "$python" ] && ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  python=""
+fi
+if [ -z "$python" ]; then
+  missing+=(python3 python3-venv)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "dev.sh: installing Debian packages: ${missing[*]}" >&2
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+  python=$(command -v python3)
+fi
+
+# The virtual environment, reinstalled when pyproject.toml changes.
+stamp=.venv/.buildfuzz-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "dev.sh: installing buildfuzz and its Python packages into .venv" >&2
+  "$python" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+
+# Engines, docker CLI, buildx and the busybox base, into the cache.
+.venv/bin/buildfuzz setup >&2
+
+command="${1:-}"
+shift || true
+case "$command" in
+  run) exec .venv/bin/buildfuzz run "$@" ;;
+  test) exec .venv/bin/pytest "$@" ;;
+  lint)
+    .venv/bin/ruff format --check buildfuzz tests
+    .venv/bin/ruff check buildfuzz tests
+    exec .venv/bin/mypy
+    ;;
+  "") exec .venv/bin/buildfuzz --help ;;
+  *) exec .venv/bin/buildfuzz "$command" "$@" ;;
+esac

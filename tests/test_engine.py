@@ -1,0 +1,133 @@
+"""Sandbox engines: start, build for real on every builder, stop clean."""
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+from buildfuzz.baseimage import import_busybox
+from buildfuzz.build import CaseRunner
+from buildfuzz.case import Case, ContextFile, FileKind, Output
+from buildfuzz.definitions import load_definitions
+from buildfuzz.install import busybox_binary
+from buildfuzz.strategies import BUSYBOX_IMAGE
+from tests.conftest import client_tools, start_engine
+
+pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("installed")]
+
+ENGINES = ["26.1", "20.10"]
+
+
+def mounts_under(directory: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as stream:
+        points = [line.split()[4] for line in stream]
+    return [point for point in points if point.startswith(str(directory))]
+
+
+def processes_under(directory: Path) -> list[int]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(directory) in part for part in process.info["cmdline"] or []):
+            found.append(process.pid)
+    return found
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_engine_starts_isolated_and_stops_clean(name: str, run_dir: Path) -> None:
+    engine = start_engine(name, run_dir)
+    command = psutil.Process(engine._process.pid).cmdline()  # type: ignore[union-attr]
+    healthy = engine.is_healthy()
+    engine.stop()
+
+    assert engine.info is not None
+    assert engine.info.version.startswith(name)
+    assert healthy
+    assert f"--host=unix://{run_dir}" in " ".join(command)
+    assert "--bridge=none" in command
+    assert "--iptables=false" in command
+    assert "--ip-forward=false" in command
+    assert not engine.directory.exists()
+    assert mounts_under(run_dir) == []
+    assert processes_under(run_dir) == []
+
+
+CASES = [
+    Case(
+        files=(
+            ContextFile("a", size=513, mode=0o4755, uid=1000, gid=1000),
+            ContextFile("d", kind=FileKind.DIR, mode=0o700),
+            ContextFile("d/link", kind=FileKind.SYMLINK, target="../a"),
+        ),
+        dockerfile=(f"FROM {BUSYBOX_IMAGE}", "COPY . /ctx/", "RUN ls -lan /ctx"),
+        builder=builder,
+        output=output,
+    )
+    for builder, output in [
+        ("classic", Output.LOAD),
+        ("buildx-docker", Output.LOAD),
+        ("buildx-docker", Output.TAR),
+        ("buildx-docker", Output.LOCAL),
+    ]
+]
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_builds_pass_on_every_builder(name: str, run_dir: Path) -> None:
+    engine = start_engine(name, run_dir)
+    try:
+        docker = client_tools(run_dir).docker(engine.host)
+        import_busybox(docker, Path(busybox_binary()), run_dir)
+        runner = CaseRunner(
+            docker, load_definitions().builders, run_dir / "cases", timeout=120
+        )
+        results = [runner.run(case.with_changes(engine=name)) for case in CASES]
+    finally:
+        engine.stop()
+
+    for case, result in zip(CASES, results, strict=True):
+        assert result.succeeded, f"{case.builder}/{case.output}: {result.log[-800:]}"
+        assert result.duration > 0
+    # The RUN step's listing shows the context arrived with its mode and size
+    # (COPY without --chown gives every file to root, so no 1000 here).
+    assert "-rwsr-xr-x" in results[1].log
+    assert " 513 " in results[1].log
+
+
+def test_failed_build_keeps_complete_log(run_dir: Path) -> None:
+    engine = start_engine("26.1", run_dir)
+    try:
+        docker = client_tools(run_dir).docker(engine.host)
+        runner = CaseRunner(
+            docker, load_definitions().builders, run_dir / "cases", timeout=120
+        )
+        case = Case(dockerfile=("FROM scratch", "COPY missing /x"))
+        result = runner.run(case)
+    finally:
+        engine.stop()
+
+    assert result.exit_status != 0
+    assert "#1 [internal] load build definition" in result.log
+    assert "ERROR:" in result.log
+    assert "missing" in result.log
+
+
+def test_watchdog_kills_hanging_build(run_dir: Path) -> None:
+    engine = start_engine("26.1", run_dir)
+    try:
+        docker = client_tools(run_dir).docker(engine.host)
+        runner = CaseRunner(
+            docker, load_definitions().builders, run_dir / "cases", timeout=5
+        )
+        # The classic builder copies a FIFO by reading it: COPY of one waits
+        # for a writer that never comes.
+        case = Case(
+            files=(ContextFile("pipe", kind=FileKind.FIFO),),
+            dockerfile=("FROM scratch", "COPY pipe /ctx/"),
+            builder="classic",
+        )
+        result = runner.run(case)
+    finally:
+        engine.stop()
+
+    assert result.timed_out
+    assert result.duration < 30

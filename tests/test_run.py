@@ -1,0 +1,198 @@
+"""End to end: a real run finds, shrinks, writes and replays a finding."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from buildfuzz.case import load_case
+from tests.conftest import PROFILES, REPO, buildfuzz, client_tools, start_engine
+
+pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("installed")]
+
+
+@pytest.fixture(scope="module")
+def finding_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One short run of the finding profile, shared by the tests below."""
+    results = tmp_path_factory.mktemp("results")
+    workdir = Path(tempfile_dir())
+    completed = buildfuzz(
+        "run", "--budget", "40s", "--seed", "7",
+        "--profile", str(PROFILES / "finding.toml"),
+        "--results", str(results), "--workdir", str(workdir),
+        "--log-format", "json",
+        cwd=REPO,
+    )  # fmt: skip
+    return completed, results
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="bft-", dir="/var/tmp")
+
+
+def finding_dirs(results: Path) -> list[Path]:
+    return sorted(path.parent for path in results.glob("*/finding.json"))
+
+
+def test_run_reports_findings_and_summary(finding_run) -> None:
+    completed, results = finding_run
+
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    assert "buildfuzz run summary" in completed.stdout
+    assert "findings           2 distinct" in completed.stdout
+    assert "builds per minute" in completed.stdout
+    assert len(finding_dirs(results)) == 2
+
+
+def test_run_logs_one_json_event_per_case(finding_run) -> None:
+    completed, _ = finding_run
+    events = [json.loads(line) for line in completed.stderr.splitlines() if line]
+    cases = [event for event in events if event["event"] == "case"]
+
+    assert cases
+    for event in cases:
+        assert {"case_id", "builder", "verdict", "signature", "seconds"} <= set(event)
+
+
+def test_findings_are_shrunk_to_minimum(finding_run) -> None:
+    _, results = finding_run
+
+    for directory in finding_dirs(results):
+        case = load_case(directory / "case.json")
+        record = json.loads((directory / "finding.json").read_text())
+        assert case.dockerfile == (
+            "FROM scratch",
+            "COPY --chown=nobody:nogroup . /owned/",
+        )
+        assert case.files == ()
+        assert record["shrunk"] is True
+        assert record["reproduced"] == record["attempts"] == 2
+
+
+def test_finding_directory_has_every_file(finding_run) -> None:
+    _, results = finding_run
+
+    for directory in finding_dirs(results):
+        names = {path.name for path in directory.iterdir()}
+        environment = json.loads((directory / "environment.json").read_text())
+        assert {"case.json", "original.json", "build.log", "repro.sh"} <= names
+        assert environment["engine"]["version"].startswith("26.1")
+        assert environment["engine"]["storage_driver"] == "overlay2"
+        assert environment["seed"] == 7
+        assert environment["buildx"]
+        assert os.access(directory / "repro.sh", os.X_OK)
+
+
+def test_replay_reproduces_finding(finding_run) -> None:
+    _, results = finding_run
+    directory = finding_dirs(results)[0]
+
+    completed = buildfuzz(
+        "replay", str(directory), "--runs", "2", "--workdir", tempfile_dir(), cwd=REPO
+    )
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "reproduced: 2/2" in completed.stdout
+
+
+def test_replay_of_passing_case_fails(tmp_path: Path) -> None:
+    case = tmp_path / "case.json"
+    case.write_text(json.dumps({"schema": 1, "dockerfile": ["FROM scratch"]}))
+
+    completed = buildfuzz(
+        "replay", str(case), "--runs", "1", "--workdir", tempfile_dir(), cwd=REPO
+    )
+
+    assert completed.returncode == 1
+    assert "reproduced: 0/1" in completed.stdout
+
+
+def test_repro_script_runs_without_buildfuzz(finding_run, run_dir: Path) -> None:
+    _, results = finding_run
+    engine = start_engine("26.1", run_dir)
+    tools = client_tools(run_dir)
+    try:
+        outcomes = []
+        for directory in finding_dirs(results):
+            script = run_dir / f"{directory.name}.sh"
+            script.write_bytes((directory / "repro.sh").read_bytes())
+            # Only the docker CLI and the system's tools: no Python, no venv.
+            environment = {
+                "PATH": f"{tools.cli.parent}:/usr/bin:/bin",
+                "DOCKER_HOST": engine.host,
+                "DOCKER_CONFIG": str(tools.config_dir),
+                "HOME": str(run_dir),
+            }
+            outcomes.append(
+                subprocess.run(
+                    ["bash", str(script)],
+                    cwd=run_dir,
+                    env=environment,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                    check=False,
+                )
+            )
+    finally:
+        engine.stop()
+
+    for completed in outcomes:
+        assert completed.returncode == 0, completed.stdout[-2000:]
+        assert "buildfuzz repro: REPRODUCED" in completed.stdout
+
+
+def test_same_seed_gives_same_cases() -> None:
+    """Two runs with one seed start with the same case sequence."""
+    runs = []
+    for _ in range(2):
+        completed = buildfuzz(
+            "run", "--budget", "8s", "--seed", "11",
+            "--profile", str(PROFILES / "quiet.toml"),
+            "--results", tempfile_dir(), "--workdir", tempfile_dir(),
+            "--log-format", "json",
+            cwd=REPO,
+        )  # fmt: skip
+        events = [json.loads(line) for line in completed.stderr.splitlines() if line]
+        runs.append([e["case_id"] for e in events if e["event"] == "case"])
+
+    length = min(len(runs[0]), len(runs[1]))
+    assert length >= 10
+    assert runs[0][:length] == runs[1][:length]
+
+
+def test_interrupt_stops_engines_and_cleans_up() -> None:
+    workdir = Path(tempfile_dir())
+    process = subprocess.Popen(
+        [sys.executable, "-m", "buildfuzz", "run", "--budget", "5m",
+         "--profile", str(PROFILES / "quiet.toml"),
+         "--results", tempfile_dir(), "--workdir", str(workdir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(workdir.glob("run-*/engine-*")):
+        time.sleep(0.2)
+    time.sleep(3)  # some builds run
+
+    process.send_signal(signal.SIGINT)
+    stdout, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 130
+    assert "(interrupted)" in stdout
+    assert list(workdir.glob("run-*")) == []
+    assert not any(
+        str(workdir) in " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["cmdline"])
+    )
+    with open("/proc/self/mountinfo") as stream:
+        assert str(workdir) not in stream.read()
