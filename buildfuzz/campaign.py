@@ -1,5 +1,6 @@
 """``buildfuzz run``: a fuzzing campaign from set-up to summary."""
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,13 @@ import structlog
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
 from buildfuzz.environment import describe
-from buildfuzz.errors import EXIT_FINDINGS, EXIT_INTERRUPTED, EXIT_OK, UsageError
+from buildfuzz.errors import (
+    EXIT_FINDINGS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    SetupError,
+    UsageError,
+)
 from buildfuzz.fuzzer import FindingEvent, Fuzzer, Stats
 from buildfuzz.install import CLIENT_TREE, ensure_installed, missing_trees
 from buildfuzz.packages import tree_path
@@ -78,6 +85,11 @@ class Prepared:
 
 def prepare(options: RunOptions) -> Prepared:
     """Validate the options and data files; raise before anything is written."""
+    if os.geteuid() != 0:
+        raise SetupError(
+            "buildfuzz run needs root to start its sandbox Docker daemons; "
+            "run it as root or with sudo"
+        )
     if options.build_timeout <= 0:
         raise UsageError("--build-timeout must be a positive duration")
     profile = load_profile(options.profile)

@@ -1,6 +1,7 @@
 """``buildfuzz replay``: run a recorded case again on a fresh sandbox engine."""
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import structlog
 from buildfuzz.case import Case, load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import load_definitions
-from buildfuzz.errors import DataFileError, UsageError
+from buildfuzz.errors import DataFileError, SetupError, UsageError
 from buildfuzz.install import CLIENT_TREE, ensure_installed
 from buildfuzz.packages import tree_path
 from buildfuzz.rules import load_rules
@@ -50,6 +51,11 @@ def replay(
 ) -> ReplayReport:
     if runs < 1:
         raise UsageError(f"--runs must be at least 1, not {runs}")
+    if os.geteuid() != 0:
+        raise SetupError(
+            "buildfuzz replay needs root to start a sandbox Docker daemon; "
+            "run it as root or with sudo"
+        )
     case = load_case(path)
     expected = expected_signature(path)
     definitions = load_definitions()

@@ -169,9 +169,9 @@ _MESSAGE_PHASES: tuple[tuple[re.Pattern[str], Phase], ...] = (
             # is read from that tar, so the error names the Dockerfile.
             r"^failed to read dockerfile: "
             r"(?:archive/tar: |unexpected EOF|link |open \S+: file name too long)",
-            # The classic daemon unpacks the context tar before it answers
-            # the build request, so a refused request about a tar or file is
-            # about the context.
+            # The classic daemon unpacks the context tar before it responds to
+            # the build request, so a rejected request that names a tar or file
+            # error concerns the context.
             r"^Error response from daemon: "
             r"(?:archive/tar: |unexpected EOF|link |open )",
             # buildx resolves the directory of the -f Dockerfile in the client.
@@ -234,9 +234,9 @@ _MESSAGE_PHASES: tuple[tuple[re.Pattern[str], Phase], ...] = (
 
 _BUILDX_ERROR = re.compile(r"^ERROR: (.*)$", re.MULTILINE)
 _VERTEX_ERROR = re.compile(r"^#(\d+) ERROR: ", re.MULTILINE)
-# A RUN step whose process failed. The exit code alone does not tell a failing
-# command from a container that could not start, so the runtime's output line
-# is added to the message when the step printed one.
+# A RUN step whose process failed. The exit code alone does not distinguish a
+# failing command from a container that could not start, so the runtime's
+# output line is added to the message when the step printed one.
 _PROCESS_FAILED = re.compile(r"did not complete successfully")
 # Vertex output lines start with the seconds since the step began.
 _RUNTIME_ERROR = re.compile(r"^\d+\.\d+ ((?:runc \w+ failed|exec): .*)$")

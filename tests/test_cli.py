@@ -1,0 +1,190 @@
+"""Bad input on the command line: one clear line, exit 2, results untouched."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from typer.testing import CliRunner
+
+from buildfuzz.cli import app
+from tests.conftest import REPO, buildfuzz
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(directory)): path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    directory = tmp_path / "results"
+    (directory / "abc123").mkdir(parents=True)
+    (directory / "abc123" / "finding.json").write_text('{"kept": true}\n')
+    return directory
+
+
+def assert_clean_error(completed, *, mentions: str) -> None:
+    assert completed.returncode == 2, completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert mentions in completed.stderr
+
+
+@pytest.mark.parametrize("budget", ["1x", "-5m", "0", "", "90", "0s", "31d", "5m5h"])
+def test_run_rejects_bad_budget(budget: str, results: Path) -> None:
+    before = snapshot(results)
+
+    completed = buildfuzz(
+        "run", "--budget", budget, "--results", str(results), cwd=REPO
+    )
+
+    assert_clean_error(completed, mentions=f"{budget!r}")
+    assert "--budget" in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1
+    assert snapshot(results) == before
+
+
+def test_run_rejects_unknown_option(results: Path) -> None:
+    completed = buildfuzz("run", "--budgte", "1m", cwd=REPO)
+
+    assert completed.returncode == 2
+    assert "--budgte" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_run_rejects_unknown_profile(results: Path) -> None:
+    before = snapshot(results)
+
+    completed = buildfuzz(
+        "run", "--budget", "1m", "--profile", "nosuch", "--results", str(results),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert_clean_error(completed, mentions="profile 'nosuch' not found")
+    assert "default" in completed.stderr
+    assert snapshot(results) == before
+
+
+def test_run_rejects_corrupt_profile(tmp_path: Path, results: Path) -> None:
+    profile = tmp_path / "broken.toml"
+    profile.write_text('[context]\nsizes = [1, "big"]\n')
+
+    completed = buildfuzz(
+        "run", "--budget", "1m", "--profile", str(profile), "--results", str(results),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert_clean_error(completed, mentions=str(profile))
+    assert "'big'" in completed.stderr
+
+
+def test_run_rejects_results_file(tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "results"
+    not_a_directory.write_text("x")
+
+    completed = buildfuzz(
+        "run", "--budget", "1m", "--results", str(not_a_directory), cwd=REPO
+    )
+
+    assert_clean_error(completed, mentions="is not a directory")
+    assert not_a_directory.read_text() == "x"
+
+
+def test_run_rejects_other_results_format(results: Path) -> None:
+    (results / ".buildfuzz-results").write_text("99\n")
+    before = snapshot(results)
+
+    completed = buildfuzz("run", "--budget", "1m", "--results", str(results), cwd=REPO)
+
+    assert_clean_error(completed, mentions="format '99'")
+    assert snapshot(results) == before
+
+
+def test_run_offline_without_packages(tmp_path: Path, results: Path) -> None:
+    before = snapshot(results)
+    environment = {**os.environ, "BUILDFUZZ_CACHE": str(tmp_path / "empty-cache")}
+
+    completed = subprocess_run(
+        ["run", "--budget", "1m", "--offline", "--results", str(results)], environment
+    )
+
+    assert_clean_error(completed, mentions="buildfuzz setup")
+    assert snapshot(results) == before
+
+
+def test_run_as_non_root_fails_cleanly(
+    results: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interpreter lives under /root here, so a real non-root process
+    # could not start it; the check reads only the effective user id.
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    before = snapshot(results)
+
+    outcome = CliRunner().invoke(
+        app, ["run", "--budget", "1m", "--results", str(results)]
+    )
+
+    assert outcome.exit_code == 2
+    assert "needs root" in outcome.stderr
+    assert snapshot(results) == before
+
+
+def test_replay_rejects_missing_case(tmp_path: Path) -> None:
+    completed = buildfuzz("replay", str(tmp_path / "nothing"), cwd=REPO)
+
+    assert_clean_error(completed, mentions="case file not found")
+
+
+def test_replay_rejects_corrupt_case(tmp_path: Path) -> None:
+    case = tmp_path / "case.json"
+    case.write_text('{"schema": 1, "files": [')
+
+    completed = buildfuzz("replay", str(case), cwd=REPO)
+
+    assert_clean_error(completed, mentions="not valid JSON")
+    assert str(case) in completed.stderr
+
+
+def test_replay_rejects_newer_case(tmp_path: Path) -> None:
+    case = tmp_path / "case.json"
+    case.write_text(json.dumps({"schema": 2}))
+
+    completed = buildfuzz("replay", str(case), cwd=REPO)
+
+    assert_clean_error(completed, mentions="schema 2 is not supported")
+
+
+def test_replay_rejects_unknown_engine(tmp_path: Path) -> None:
+    case = tmp_path / "case.json"
+    case.write_text(json.dumps({"schema": 1, "engine": "1.0"}))
+
+    completed = buildfuzz("replay", str(case), cwd=REPO)
+
+    assert_clean_error(completed, mentions="engine '1.0'")
+
+
+def test_log_format_is_checked(results: Path) -> None:
+    completed = buildfuzz(
+        "run", "--log-format", "xml", "--results", str(results), cwd=REPO
+    )
+
+    assert_clean_error(completed, mentions="'xml'")
+
+
+def subprocess_run(arguments: list[str], environment: dict[str, str]):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "buildfuzz", *arguments],
+        cwd=REPO,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
