@@ -109,7 +109,8 @@ def normalise(message: str) -> str:
     text = _ANSI.sub("", message).strip()
     for pattern, replacement in _REPLACEMENTS:
         text = pattern.sub(replacement, text)
-    return text[:MAX_MESSAGE].strip()
+    # A cut must not leave half a placeholder such as "<pa" behind.
+    return re.sub(r"<\w*$", "", text[:MAX_MESSAGE]).strip()
 
 
 def _any_of(*alternatives: str) -> re.Pattern[str]:
