@@ -161,6 +161,8 @@ def run_campaign(options: RunOptions) -> RunSummary:
         fuzzer = Fuzzer(
             cases(prepared.profile, prepared.targets),
             session.execute,
+            profile=prepared.profile,
+            targets=prepared.targets,
             seed=seed,
             known=lambda signature: store.load(signature.id) is not None,
             on_finding=writer.write,

@@ -154,6 +154,8 @@ def _file_from_dict(item: Any, source: Path | str) -> ContextFile:
         target=_string(item.get("target", ""), "files.target"),
     )
     check_context_path(entry.path)
+    if entry.kind is FileKind.HARDLINK:
+        check_context_path(entry.target)
 
     return entry
 
@@ -161,7 +163,7 @@ def _file_from_dict(item: Any, source: Path | str) -> ContextFile:
 def check_context_path(path: str) -> None:
     """Raise ValueError unless ``path`` is a relative path inside the context."""
     pure = PurePosixPath(path)
-    if not path or pure.is_absolute() or ".." in pure.parts or "\x00" in path:
+    if not pure.parts or pure.is_absolute() or ".." in pure.parts or "\x00" in path:
         raise ValueError(f"file path {path!r} must be relative and stay inside")
 
 

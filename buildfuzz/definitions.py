@@ -126,6 +126,8 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
     features = raw.get("features", {})
+    if not isinstance(features, dict):
+        raise ValueError(f"engine {name!r}: features must be a table")
     return EngineDefinition(
         name=name,
         description=str(raw.get("description", "")),

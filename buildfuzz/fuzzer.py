@@ -24,8 +24,11 @@ from hypothesis.errors import HypothesisException
 from hypothesis.strategies import SearchStrategy
 
 from buildfuzz.case import Case
+from buildfuzz.minimize import AxisReport, explain, one_minimal
+from buildfuzz.profile import Profile
 from buildfuzz.session import CaseRecord
 from buildfuzz.signature import Signature
+from buildfuzz.strategies import Target
 from buildfuzz.verdict import Verdict
 
 log = structlog.get_logger(__name__)
@@ -47,6 +50,11 @@ class ShrinkResult:
     complete: bool
     reproduced: int = 0
     attempts: int = 0
+    explanation: list[AxisReport] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.reproduced / self.attempts if self.attempts else 0.0
 
 
 @dataclass
@@ -110,12 +118,16 @@ class Fuzzer:
         strategy: SearchStrategy[Case],
         execute: Callable[[Case], CaseRecord],
         *,
+        profile: Profile,
+        targets: tuple[Target, ...],
         seed: int,
         known: Callable[[Signature], bool],
         on_finding: Callable[[FindingEvent], None],
     ) -> None:
         self.strategy = strategy
         self.execute = execute
+        self.profile = profile
+        self.targets = targets
         self.seed = seed
         self.known = known
         self.on_finding = on_finding
@@ -175,6 +187,7 @@ class Fuzzer:
             else:
                 log.info("budget spent; writing the finding unshrunk", id=signature.id)
             if shrunk is not None and not self.interrupted:
+                self.minimize(shrunk, signature, shrink_deadline)
                 self.confirm(shrunk, signature)
         except KeyboardInterrupt:
             log.warning("interrupted; writing the finding as it is", id=signature.id)
@@ -208,10 +221,7 @@ class Fuzzer:
                 record = self.execute(case)
                 # A rule-explained failure with the same text is not the
                 # finding; shrinking must not drift into it.
-                matched = (
-                    record.evaluation.verdict is Verdict.FINDING
-                    and record.evaluation.signature == signature
-                )
+                matched = self._is_target(record, signature)
                 seen[key] = matched
                 if matched:
                     best.append(record)
@@ -247,14 +257,51 @@ class Fuzzer:
             complete=not budget_spent,
         )
 
+    def minimize(
+        self, shrunk: ShrinkResult, signature: Signature, deadline: float
+    ) -> None:
+        """Make the shrunk case 1-minimal, then explain which axes matter."""
+        records: dict[str, CaseRecord] = {}
+
+        def reproduces(case: Case) -> bool:
+            record = self.execute(case)
+            self.stats.shrink_builds += 1
+            if self._is_target(record, signature):
+                records[case.to_json()] = record
+                return True
+            return False
+
+        minimal = one_minimal(
+            shrunk.case,
+            reproduces,
+            profile=self.profile,
+            targets=self.targets,
+            deadline=deadline,
+        )
+        shrunk.builds += minimal.builds
+        shrunk.complete = shrunk.complete and minimal.complete
+        if minimal.case != shrunk.case:
+            shrunk.case = minimal.case
+            shrunk.record = records[minimal.case.to_json()]
+        shrunk.explanation = explain(
+            shrunk.case,
+            reproduces,
+            profile=self.profile,
+            targets=self.targets,
+            deadline=deadline,
+        )
+
+    @staticmethod
+    def _is_target(record: CaseRecord, signature: Signature) -> bool:
+        evaluation = record.evaluation
+        return (
+            evaluation.verdict is Verdict.FINDING and evaluation.signature == signature
+        )
+
     def confirm(self, shrunk: ShrinkResult, signature: Signature) -> None:
         """Re-run the shrunk case to measure how often it reproduces."""
         for _ in range(CONFIRM_RUNS):
             record = self.execute(shrunk.case)
             shrunk.attempts += 1
-            evaluation = record.evaluation
-            if (
-                evaluation.verdict is Verdict.FINDING
-                and evaluation.signature == signature
-            ):
+            if self._is_target(record, signature):
                 shrunk.reproduced += 1

@@ -164,6 +164,8 @@ def _convert(label: str, key: str, raw: Any) -> Any:
         return tuple(pairs)
     if key in ("sizes", "modes", "dir_modes", "owners", "mtimes_ns"):
         return tuple(_integer(value, label) for value in raw)
+    if key == "names":
+        return tuple(_file_name(value, label) for value in raw)
     if key == "bases":
         return tuple(_choice(value, BASES, label) for value in raw)
     if key == "instructions":
@@ -188,6 +190,19 @@ def _choice(value: Any, choices: tuple[str, ...], label: str) -> str:
             f"{label}: unknown value {value!r}; use one of {', '.join(choices)}"
         )
     return str(value)
+
+
+def _file_name(value: Any, label: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{label} must be a list of strings")
+    if value in ("", ".", "..") or "/" in value:
+        raise ValueError(
+            f"{label}: {value!r} is not a usable file name; "
+            "use a non-empty name without '/' other than '.' and '..'"
+        )
+    if "\x00" in value:
+        raise ValueError(f"{label}: {value!r} contains a NUL byte")
+    return value
 
 
 def _integer(value: Any, label: str) -> int:

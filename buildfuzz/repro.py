@@ -8,6 +8,7 @@ the finding's error message.
 """
 
 import base64
+import posixpath
 import re
 import shlex
 import stat
@@ -105,7 +106,9 @@ def _context_commands(case: Case) -> list[str]:
     commands = []
     for entry in case.files:
         path = f'"$ctx"/{ansi_quote(entry.path)}'
-        commands.append(f'mkdir -p "$(dirname {path})"')
+        parent = posixpath.dirname(entry.path)
+        if parent:
+            commands.append(f'mkdir -p "$ctx"/{ansi_quote(parent)}')
         commands.append(_create(entry, path))
     for entry in sorted(case.files, key=lambda e: e.path.count("/"), reverse=True):
         if entry.kind is FileKind.HARDLINK:
@@ -114,9 +117,15 @@ def _context_commands(case: Case) -> list[str]:
         commands.append(f"chown -h {entry.uid}:{entry.gid} {path}")
         if entry.kind is not FileKind.SYMLINK:
             commands.append(f"chmod {stat.S_IMODE(entry.mode):04o} {path}")
-        seconds, nanoseconds = divmod(entry.mtime_ns, 1_000_000_000)
-        commands.append(f"touch -h -d @{seconds}.{nanoseconds:09d} {path}")
+        commands.append(f"touch -h -d @{_seconds(entry.mtime_ns)} {path}")
     return commands
+
+
+def _seconds(mtime_ns: int) -> str:
+    """Format nanoseconds as seconds for ``touch -d @``, negative ones too."""
+    sign = "-" if mtime_ns < 0 else ""
+    seconds, nanoseconds = divmod(abs(mtime_ns), 1_000_000_000)
+    return f"{sign}{seconds}.{nanoseconds:09d}"
 
 
 def _create(entry: ContextFile, path: str) -> str:

@@ -132,7 +132,13 @@ class ResultsStore:
             return None
         except (OSError, json.JSONDecodeError) as error:
             raise ResultsError(f"{path}: cannot read finding: {error}") from None
-        return FindingRecord(**data)
+        try:
+            return FindingRecord(**data)
+        except TypeError as error:
+            raise ResultsError(
+                f"{path}: cannot read finding: {error}; "
+                "the file was changed by hand or written by another buildfuzz version"
+            ) from None
 
     def write(self, record: FindingRecord, files: dict[str, str | bytes]) -> Path:
         """Write a finding's files, then its ``finding.json`` last."""

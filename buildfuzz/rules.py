@@ -80,6 +80,13 @@ def _rule(entry: dict[str, Any]) -> Rule:
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} in rule {entry.get('id')!r}")
 
+    for key in ("builders", "engines"):
+        names = entry.get(key, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(
+                f"{key} of rule {entry.get('id')!r} must be a list of names"
+            )
+
     def optional(key: str) -> re.Pattern[str] | None:
         return re.compile(entry[key]) if key in entry else None
 

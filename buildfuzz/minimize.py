@@ -1,0 +1,232 @@
+"""After Hypothesis: make a finding 1-minimal and tell which axes matter.
+
+Hypothesis shrinks the drawn choices; it cannot see that, say, resetting a
+file's owner to the default still fails. ``one_minimal`` tries every single
+simplification of the case towards the profile's defaults and keeps each
+one that still reproduces, until none does: undoing any one remaining
+difference then makes the failure go away. ``explain`` then tries other
+values of the axes left at their defaults, within a bounded number of
+builds, and reports which of them are free and which the failure needs.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import structlog
+
+from buildfuzz.case import Case, ContextFile, FileKind
+from buildfuzz.profile import Profile
+from buildfuzz.strategies import BASE_IMAGES, NATIVE_PLATFORMS, Target
+
+log = structlog.get_logger(__name__)
+
+Reproduces = Callable[[Case], bool]
+
+
+@dataclass
+class Minimization:
+    case: Case
+    builds: int
+    complete: bool
+
+
+@dataclass
+class AxisReport:
+    """How the failure depends on one axis."""
+
+    axis: str
+    value: str
+    failing: list[str] = field(default_factory=list)
+    passing: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if not self.failing and not self.passing:
+            return "untested"
+        if not self.passing:
+            return "free"
+        if not self.failing:
+            return "needed"
+        return "partly needed"
+
+
+def default_case(profile: Profile, targets: tuple[Target, ...]) -> Case:
+    """Return the case made of every axis' default value."""
+    base = BASE_IMAGES[profile.dockerfile.bases[0]]
+    return Case(
+        files=(),
+        dockerignore=None,
+        dockerfile=(f"FROM {base}",),
+        engine=targets[0].engine,
+        builder=targets[0].builder,
+        platform=profile.build.platforms[0],
+        build_args=(),
+        output=profile.build.outputs[0],
+    )
+
+
+def default_file(profile: Profile, entry: ContextFile) -> ContextFile:
+    axes = profile.context
+    pool = axes.dir_modes if entry.kind is FileKind.DIR else axes.modes
+    return replace(
+        entry,
+        size=axes.sizes[0] if entry.kind is FileKind.FILE else 0,
+        mode=pool[0],
+        uid=axes.owners[0],
+        gid=axes.owners[0],
+        mtime_ns=axes.mtimes_ns[0],
+    )
+
+
+def simplifications(
+    case: Case, default: Case, profile: Profile, targets: tuple[Target, ...]
+) -> Iterator[Case]:
+    """Yield every case that undoes one difference of ``case`` from the default."""
+    for index, entry in enumerate(case.files):
+        yield replace(case, files=_without_file(case.files, index, entry))
+    if case.dockerignore is not None:
+        yield replace(case, dockerignore=None)
+        for index in range(len(case.dockerignore)):
+            kept = case.dockerignore[:index] + case.dockerignore[index + 1 :]
+            yield replace(case, dockerignore=kept)
+    for index in range(1, len(case.dockerfile)):
+        yield replace(
+            case, dockerfile=case.dockerfile[:index] + case.dockerfile[index + 1 :]
+        )
+    if case.dockerfile[0] != default.dockerfile[0]:
+        yield replace(case, dockerfile=default.dockerfile[:1] + case.dockerfile[1:])
+    for name in ("platform", "output", "build_args"):
+        if getattr(case, name) != getattr(default, name):
+            yield replace(case, **{name: getattr(default, name)})
+    for index in range(len(case.build_args)):
+        yield replace(
+            case, build_args=case.build_args[:index] + case.build_args[index + 1 :]
+        )
+    for target in targets[:1]:
+        if (case.engine, case.builder) != (target.engine, target.builder):
+            if case.output in target.outputs:
+                yield replace(case, engine=target.engine, builder=target.builder)
+    for index, entry in enumerate(case.files):
+        simple = default_file(profile, entry)
+        for name in ("size", "mode", "uid", "gid", "mtime_ns", "seed"):
+            if getattr(entry, name) != getattr(simple, name) and name != "seed":
+                changed = replace(entry, **{name: getattr(simple, name)})
+                yield replace(case, files=_with_file(case.files, index, changed))
+
+
+def _without_file(
+    files: tuple[ContextFile, ...], index: int, entry: ContextFile
+) -> tuple[ContextFile, ...]:
+    # Hardlinks to the removed file and entries below a removed directory go too.
+    prefix = entry.path + "/"
+    return tuple(
+        other
+        for position, other in enumerate(files)
+        if position != index
+        and not other.path.startswith(prefix)
+        and not (other.kind is FileKind.HARDLINK and other.target == entry.path)
+    )
+
+
+def _with_file(
+    files: tuple[ContextFile, ...], index: int, entry: ContextFile
+) -> tuple[ContextFile, ...]:
+    return files[:index] + (entry,) + files[index + 1 :]
+
+
+def one_minimal(
+    case: Case,
+    reproduces: Reproduces,
+    *,
+    profile: Profile,
+    targets: tuple[Target, ...],
+    deadline: float,
+) -> Minimization:
+    """Apply single simplifications while the failure reproduces."""
+    default = default_case(profile, targets)
+    builds = 0
+    tried: set[str] = set()
+    progress = True
+    while progress:
+        progress = False
+        for candidate in simplifications(case, default, profile, targets):
+            key = candidate.to_json()
+            if key in tried:
+                continue
+            if time.monotonic() >= deadline:
+                return Minimization(case, builds, complete=False)
+            tried.add(key)
+            builds += 1
+            if reproduces(candidate):
+                case = candidate
+                progress = True
+                break
+    return Minimization(case, builds, complete=True)
+
+
+def explain(
+    case: Case,
+    reproduces: Reproduces,
+    *,
+    profile: Profile,
+    targets: tuple[Target, ...],
+    deadline: float,
+    max_builds: int = 12,
+) -> list[AxisReport]:
+    """Try other values of the case's default axes and report which are free."""
+    reports = []
+    builds = 0
+    for report, variants in _axis_variants(case, profile, targets):
+        for label, variant in variants:
+            if builds >= max_builds or time.monotonic() >= deadline:
+                break
+            builds += 1
+            (report.failing if reproduces(variant) else report.passing).append(label)
+        reports.append(report)
+    return reports
+
+
+def _axis_variants(
+    case: Case, profile: Profile, targets: tuple[Target, ...]
+) -> Iterator[tuple[AxisReport, list[tuple[str, Case]]]]:
+    others = [
+        t for t in targets if (t.engine, t.builder) != (case.engine, case.builder)
+    ]
+    builders = [
+        t for t in others if t.engine == case.engine and case.output in t.outputs
+    ]
+    engines = [
+        t for t in others if t.builder == case.builder and case.output in t.outputs
+    ]
+    yield (
+        AxisReport("builder", case.builder),
+        [(t.builder, replace(case, builder=t.builder)) for t in builders[:2]],
+    )
+    yield (
+        AxisReport("engine", case.engine),
+        [(t.engine, replace(case, engine=t.engine)) for t in engines[:2]],
+    )
+
+    target = next(
+        (t for t in targets if (t.engine, t.builder) == (case.engine, case.builder)),
+        None,
+    )
+    outputs = [
+        o for o in profile.build.outputs
+        if o != case.output and (target is None or o in target.outputs)
+    ]  # fmt: skip
+    yield (
+        AxisReport("output", str(case.output)),
+        [(str(o), replace(case, output=o)) for o in outputs[:2]],
+    )
+
+    uses_local_base = any(BASE_IMAGES["busybox"] in line for line in case.dockerfile)
+    platforms = [
+        p for p in profile.build.platforms
+        if p != case.platform and (not uses_local_base or p in NATIVE_PLATFORMS)
+    ]  # fmt: skip
+    yield (
+        AxisReport("platform", case.platform or "(default)"),
+        [(p or "(default)", replace(case, platform=p)) for p in platforms[:2]],
+    )

@@ -1,0 +1,89 @@
+"""Tests of duration parsing and formatting."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from buildfuzz.budget import MAX_SECONDS, format_duration, parse_duration
+from buildfuzz.errors import UsageError
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90s", 90),
+        ("10m", 600),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        ("2d", 172800),
+        (" 5m ", 300),
+        ("1d2h3m4s", 93784),
+        ("1H30M", 5400),
+        ("30d", MAX_SECONDS),
+    ],
+)
+def test_valid_duration_parses(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1x", "-5m", "0", "", "90", "0s", "31d", "   ", "m", "1.5h", "30m1h", "1h1h"],
+)
+def test_invalid_duration_names_value(text: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_duration(text)
+
+    assert repr(text) in str(raised.value)
+    assert "--budget" in str(raised.value)
+
+
+def test_bare_number_suggests_unit() -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_duration("90")
+
+    assert "use a number with a unit" in str(raised.value)
+
+
+def test_zero_duration_says_zero() -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_duration("0h0m")
+
+    assert "is zero" in str(raised.value)
+
+
+def test_long_duration_names_limit() -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_duration("720h1s")
+
+    assert "longer than 30 days" in str(raised.value)
+
+
+def test_error_names_given_option() -> None:
+    with pytest.raises(UsageError) as raised:
+        parse_duration("soon", option="--timeout")
+
+    assert "--timeout" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (42, "42s"),
+        (60, "1m"),
+        (59.6, "1m"),
+        (3600, "1h"),
+        (3661, "1h1m1s"),
+        (5400, "1h30m"),
+        (90000, "25h"),
+    ],
+)
+def test_duration_formats_short(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=MAX_SECONDS))
+def test_formatted_duration_parses_back(seconds: int) -> None:
+    assert parse_duration(format_duration(seconds)) == seconds

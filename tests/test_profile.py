@@ -1,0 +1,399 @@
+"""Tests of loading profiles, builder definitions and expected-failure rules."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from buildfuzz.case import Case, ContextFile, FileKind, Output
+from buildfuzz.definitions import load_definitions
+from buildfuzz.errors import DataFileError
+from buildfuzz.paths import builders_dir, strategies_dir
+from buildfuzz.profile import (
+    BASES,
+    INSTRUCTION_KINDS,
+    available_profiles,
+    load_profile,
+)
+from buildfuzz.rules import context_listing, load_rules, matching_rule
+
+# Profiles
+
+
+def write_profile(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "custom.toml"
+    path.write_text(text)
+    return path
+
+
+def profile_error(tmp_path: Path, text: str) -> DataFileError:
+    path = write_profile(tmp_path, text)
+    with pytest.raises(DataFileError) as raised:
+        load_profile(str(path))
+    assert raised.value.path == path
+    assert str(raised.value).startswith(f"{path}: ")
+    return raised.value
+
+
+def test_default_profile_loads() -> None:
+    profile = load_profile("default")
+
+    assert profile.name == "default"
+    assert profile.path == strategies_dir() / "default.toml"
+    assert profile.rules == "expected"
+    assert profile.builders == ("buildx-docker", "classic")
+    assert FileKind.HARDLINK in profile.context.kinds
+    assert set(profile.dockerfile.instructions) == set(INSTRUCTION_KINDS)
+    assert set(profile.dockerfile.bases) == set(BASES)
+    assert profile.build.outputs == (Output.LOAD, Output.TAR, Output.LOCAL)
+
+
+def test_default_profile_is_listed() -> None:
+    assert "default" in available_profiles()
+
+
+def test_profile_loads_by_path(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, '[context]\nnames = ["x", "y"]\n')
+
+    profile = load_profile(str(path))
+
+    assert profile.name == "custom"
+    assert profile.context.names == ("x", "y")
+    assert profile.context.kinds == (FileKind.FILE,)
+    assert profile.engines == ("26.1",)
+
+
+def test_missing_profile_lists_available() -> None:
+    with pytest.raises(DataFileError) as raised:
+        load_profile("nosuch")
+
+    assert raised.value.path == strategies_dir() / "nosuch.toml"
+    assert "profile 'nosuch' not found" in str(raised.value)
+    assert "available profiles: " in str(raised.value)
+    assert "default" in str(raised.value).split("available profiles: ")[1]
+
+
+def test_invalid_toml_is_rejected(tmp_path: Path) -> None:
+    error = profile_error(tmp_path, "[context\nnames = ")
+
+    assert "invalid TOML" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('colour = "red"\n', "unknown key 'colour' in top level"),
+        ("[context]\nmax_file = 3\n", "unknown key 'max_file' in [context]"),
+        ("[dockerfile]\nbase = []\n", "unknown key 'base' in [dockerfile]"),
+        ("[build]\noutput = []\n", "unknown key 'output' in [build]"),
+    ],
+)
+def test_unknown_key_is_rejected(tmp_path: Path, text: str, words: str) -> None:
+    error = profile_error(tmp_path, text)
+
+    assert words in str(error)
+    assert "known keys:" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ('[dockerfile]\ninstructions = ["copy-all", "healthcheck"]\n', "healthcheck"),
+        ('[dockerfile]\nbases = ["alpine"]\n', "alpine"),
+        ('[build]\noutputs = ["load", "registry"]\n', "registry"),
+        ('[context]\nkinds = ["file", "socket"]\n', "socket"),
+    ],
+)
+def test_unknown_value_is_rejected(tmp_path: Path, text: str, value: str) -> None:
+    error = profile_error(tmp_path, text)
+
+    assert f"unknown value {value!r}" in str(error)
+    assert "use one of" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("context", "names"),
+        ("context", "kinds"),
+        ("context", "sizes"),
+        ("context", "modes"),
+        ("context", "symlink_targets"),
+        ("dockerfile", "bases"),
+        ("dockerfile", "instructions"),
+        ("build", "platforms"),
+        ("build", "outputs"),
+    ],
+)
+def test_empty_pool_is_rejected(tmp_path: Path, section: str, key: str) -> None:
+    error = profile_error(tmp_path, f"[{section}]\n{key} = []\n")
+
+    assert f"{section}.{key} must be a non-empty list" in str(error)
+
+
+def test_empty_dockerignore_pool_is_allowed(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, "[context]\ndockerignore = []\n")
+
+    assert load_profile(str(path)).context.dockerignore == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('engines = []\nbuilders = ["classic"]\n', "at least one value"),
+        ('engines = "26.1"\n', "engines must be a list of strings"),
+        ("context = 3\n", "[context] must be a table"),
+        ("[context]\nmax_files = -1\n", "context.max_files must be a whole number"),
+        ("[context]\nmax_files = true\n", "context.max_files must be a whole number"),
+        ('[context]\nsizes = ["big"]\n', "context.sizes: 'big' is not an integer"),
+        ("[context]\nmodes = [true]\n", "context.modes: True is not an integer"),
+        ('[build]\nbuild_args = [["A"]]\n', "[name, value] pairs"),
+        ("[context]\nnames = [1]\n", "context.names must be a list of strings"),
+    ],
+)
+def test_malformed_value_is_rejected(tmp_path: Path, text: str, words: str) -> None:
+    error = profile_error(tmp_path, text)
+
+    assert words in str(error)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/"])
+def test_unusable_name_is_rejected(tmp_path: Path, name: str) -> None:
+    # Each name is one path component. "a/b" or ".." would make cases whose
+    # paths load_case rejects, and ".." would write outside the context.
+    error = profile_error(tmp_path, f'[context]\nnames = ["a", "{name}"]\n')
+
+    assert repr(name) in str(error)
+
+
+# Builder definitions
+
+
+def definitions_copy(tmp_path: Path) -> Path:
+    directory = tmp_path / "builders"
+    shutil.copytree(builders_dir(), directory)
+    return directory
+
+
+def definitions_error(tmp_path: Path, name: str, text: str) -> DataFileError:
+    directory = definitions_copy(tmp_path)
+    (directory / name).write_text(text)
+    with pytest.raises(DataFileError) as raised:
+        load_definitions(directory)
+    assert raised.value.path == directory / name
+    return raised.value
+
+
+BUILDER_TABLE = '[client]\npackages = [{ suite = "s", names = ["n"] }]\n'
+
+
+def test_real_definitions_load() -> None:
+    definitions = load_definitions()
+
+    assert "26.1" in definitions.engines
+    assert definitions.engines["26.1"].storage_driver == "overlay2"
+    assert definitions.client.packages
+    assert definitions.builders["classic"].classic
+    assert definitions.builders["classic"].outputs == (Output.LOAD,)
+    assert not definitions.builders["buildx-docker"].classic
+    assert definitions.builders["buildx-docker"].driver == "docker"
+
+
+def test_missing_definition_file_is_rejected(tmp_path: Path) -> None:
+    directory = definitions_copy(tmp_path)
+    (directory / "builders.toml").unlink()
+
+    with pytest.raises(DataFileError) as raised:
+        load_definitions(directory)
+
+    assert raised.value.path == directory / "builders.toml"
+    assert "not found" in str(raised.value)
+
+
+def test_invalid_definition_toml_is_rejected(tmp_path: Path) -> None:
+    error = definitions_error(tmp_path, "engines.toml", "[engines.\n")
+
+    assert "invalid TOML" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            BUILDER_TABLE + '[builders.x]\nkind = "classic"\ncolour = 1\n',
+            "builder 'x': unknown key 'colour'",
+        ),
+        (
+            BUILDER_TABLE + '[builders.x]\nkind = "kaniko"\n',
+            "builder 'x': unknown kind 'kaniko'",
+        ),
+        (
+            BUILDER_TABLE + '[builders.x]\nkind = "buildx"\ndriver = "remote"\n',
+            "builder 'x': unknown driver 'remote'",
+        ),
+        (
+            BUILDER_TABLE + '[builders.x]\nkind = "buildx"\ndriver = "docker"\n'
+            'outputs = ["load", "registry"]\n',
+            "builder 'x': unknown output 'registry'",
+        ),
+        (BUILDER_TABLE + "[builders.x]\n", "missing key 'kind'"),
+        (BUILDER_TABLE, "[builders.NAME] tables are missing"),
+        ('[builders.x]\nkind = "classic"\n', "missing key 'client'"),
+    ],
+)
+def test_bad_builder_is_rejected(tmp_path: Path, text: str, words: str) -> None:
+    error = definitions_error(tmp_path, "builders.toml", text)
+
+    assert words in str(error)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            '[engines.e]\npackages = [{ suite = "s", names = ["n"] }]\ncolour = 1\n',
+            "engine 'e': unknown key 'colour'",
+        ),
+        ("[engines.e]\npackages = []\n", "packages must be a non-empty list"),
+        (
+            '[engines.e]\npackages = [{ suite = "s", names = "n" }]\n',
+            "packages.names must be a list of package names",
+        ),
+        ('[engines.e]\ndescription = "no packages"\n', "missing key 'packages'"),
+        (
+            '[engines.e]\npackages = [{ suite = "s", names = ["n"] }]\n'
+            'features = ["containerd-snapshotter"]\n',
+            "features",
+        ),
+    ],
+)
+def test_bad_engine_is_rejected(tmp_path: Path, text: str, words: str) -> None:
+    error = definitions_error(tmp_path, "engines.toml", text)
+
+    assert words in str(error)
+
+
+# Expected-failure rules
+
+
+def write_rules(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    return path
+
+
+def rules_error(tmp_path: Path, text: str) -> DataFileError:
+    path = write_rules(tmp_path, text)
+    with pytest.raises(DataFileError) as raised:
+        load_rules(str(path))
+    assert raised.value.path == path
+    return raised.value
+
+
+def chmod_case(builder: str) -> Case:
+    return Case(
+        files=(ContextFile("a"),),
+        dockerfile=("FROM scratch", "COPY --chmod=0750 a /modes/"),
+        builder=builder,
+    )
+
+
+def test_expected_rules_compile() -> None:
+    rules = load_rules("expected")
+
+    ids = [rule.id for rule in rules]
+    assert len(ids) == len(set(ids))
+    assert "classic-chmod" in ids
+    for rule in rules:
+        assert rule.reason
+        assert rule.message.pattern
+
+
+def test_none_gives_no_rules() -> None:
+    assert load_rules("none") == ()
+    assert load_rules("") == ()
+
+
+def test_classic_chmod_applies_to_classic() -> None:
+    rule = {rule.id: rule for rule in load_rules("expected")}["classic-chmod"]
+
+    assert rule.applies_to(chmod_case("classic"))
+    assert not rule.applies_to(chmod_case("buildx-docker"))
+    plain = chmod_case("classic").with_changes(
+        dockerfile=("FROM scratch", "COPY a /picked/")
+    )
+    assert not rule.applies_to(plain)
+
+
+def test_classic_chmod_explains_message() -> None:
+    rule = {rule.id: rule for rule in load_rules("expected")}["classic-chmod"]
+    log = (
+        "Step 2/2 : COPY --chmod=0750 a /modes/\nthe --chmod option requires BuildKit."
+    )
+
+    assert rule.explains(chmod_case("classic"), log)
+    assert not rule.explains(chmod_case("classic"), "no such file or directory")
+    assert not rule.explains(chmod_case("buildx-docker"), log)
+
+
+def test_symlink_rule_reads_listing() -> None:
+    rules = load_rules("expected")
+    case = Case(
+        files=(ContextFile("s", FileKind.SYMLINK, target="../outside"),),
+        dockerfile=("FROM scratch", "COPY s /picked/"),
+    )
+
+    rule = matching_rule(rules, case, 'failed: "/s": not found')
+
+    assert context_listing(case) == "symlink s -> ../outside"
+    assert rule is not None
+    assert rule.id == "symlink-outside-context"
+
+
+def test_dockerignore_rule_needs_dockerignore() -> None:
+    rule = {r.id: r for r in load_rules("expected")}["dockerignored-source"]
+    case = Case(files=(ContextFile("a"),), dockerfile=("FROM scratch", "COPY a /"))
+
+    assert not rule.applies_to(case)
+    assert rule.applies_to(case.with_changes(dockerignore=("a",)))
+
+
+def test_missing_rule_set_is_rejected() -> None:
+    with pytest.raises(DataFileError) as raised:
+        load_rules("nosuch")
+
+    assert raised.value.path == strategies_dir() / "rules" / "nosuch.toml"
+    assert "rule set 'nosuch' not found" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[[rule]\n", "invalid TOML"),
+        ("rule = 3\n", "rules must be [[rule]] tables"),
+        ('[[rule]]\nid = "r"\nreason = "x"\n', "invalid rule: 'message'"),
+        (
+            '[[rule]]\nid = "r"\nreason = "x"\nmessage = "m"\ncolour = 1\n',
+            "unknown key 'colour' in rule 'r'",
+        ),
+        ('[[rule]]\nid = "r"\nreason = "x"\nmessage = "(open"\n', "invalid rule"),
+        (
+            '[[rule]]\nid = "r"\nreason = "x"\nmessage = "m"\ndockerfile = "[z-a]"\n',
+            "bad character range",
+        ),
+    ],
+)
+def test_bad_rule_is_rejected(tmp_path: Path, text: str, words: str) -> None:
+    error = rules_error(tmp_path, text)
+
+    assert words in str(error)
+
+
+@pytest.mark.parametrize("key", ["builders", "engines"])
+def test_string_name_list_is_rejected(tmp_path: Path, key: str) -> None:
+    # A bare string would become a tuple of its letters and never match.
+    text = f'[[rule]]\nid = "r"\nreason = "x"\nmessage = "m"\n{key} = "classic"\n'
+
+    error = rules_error(tmp_path, text)
+
+    assert key in str(error)
