@@ -1,5 +1,6 @@
 """``buildfuzz run``: a fuzzing campaign from set-up to summary."""
 
+import json
 import os
 import random
 import time
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from buildfuzz.case import load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
 from buildfuzz.environment import describe
@@ -15,15 +17,23 @@ from buildfuzz.errors import (
     EXIT_FINDINGS,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    BuildfuzzError,
     SetupError,
     UsageError,
 )
+from buildfuzz.finding_page import render_finding_readme
 from buildfuzz.fuzzer import FindingEvent, Fuzzer, Stats
 from buildfuzz.install import CLIENT_TREE, ensure_installed, missing_trees
 from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile, load_profile
 from buildfuzz.repro import render_repro
-from buildfuzz.results import FindingRecord, ResultsStore, json_text, now
+from buildfuzz.results import (
+    FindingRecord,
+    ResultsStore,
+    json_text,
+    now,
+    write_atomic,
+)
 from buildfuzz.rules import Rule, load_rules
 from buildfuzz.session import CaseRecord, Session
 from buildfuzz.strategies import Target, cases
@@ -228,7 +238,9 @@ class _FindingWriter:
     def write(self, event: FindingEvent) -> None:
         signature = event.signature
         if not event.new:
-            self.store.seen_again(signature.id)
+            known = self.store.seen_again(signature.id)
+            if known is not None:
+                self._refresh_readme(known)
             if (
                 signature.id
                 not in self.summary.known_findings + self.summary.new_findings
@@ -237,7 +249,8 @@ class _FindingWriter:
             return
 
         original = event.original
-        best = event.shrunk.record if event.shrunk else original
+        shrunk = event.shrunk
+        best = shrunk.record if shrunk else original
         engine = self.session.engines[best.case.engine]
         environment = describe(
             self.tools.docker(engine.host),
@@ -256,14 +269,20 @@ class _FindingWriter:
             count=1,
             first_seen=timestamp,
             last_seen=timestamp,
-            shrunk=event.shrunk is not None,
-            shrink_complete=bool(event.shrunk and event.shrunk.complete),
-            shrink_builds=event.shrunk.builds if event.shrunk else 0,
-            reproduced=event.shrunk.reproduced if event.shrunk else 0,
-            attempts=event.shrunk.attempts if event.shrunk else 0,
+            shrunk=bool(shrunk and shrunk.shrunk),
+            shrink_complete=bool(shrunk and shrunk.complete),
+            shrink_builds=shrunk.builds if shrunk else 0,
+            reproduced=shrunk.reproduced if shrunk else 0,
+            attempts=shrunk.attempts if shrunk else 0,
+            flaky=bool(shrunk and shrunk.flaky),
             seed=self.seed,
             profile=self.prepared.profile.name,
-        )
+            explanation=[
+                {"axis": r.axis, "value": r.value, "status": r.status,
+                 "failing": r.failing, "passing": r.passing}
+                for r in (shrunk.explanation if shrunk else [])
+            ],
+        )  # fmt: skip
         directory = self.store.write(
             record,
             {
@@ -273,6 +292,14 @@ class _FindingWriter:
                 "environment.json": json_text(environment),
                 "repro.sh": render_repro(
                     best.case, signature, timeout=self.options.build_timeout
+                ),
+                "README.md": render_finding_readme(
+                    record,
+                    best.case,
+                    profile=self.prepared.profile,
+                    targets=self.prepared.targets,
+                    environment=environment,
+                    log=best.result.log + best.result.load_log,
                 ),
             },
         )
@@ -284,3 +311,23 @@ class _FindingWriter:
             path=str(directory),
             shrink_builds=record.shrink_builds,
         )
+
+    def _refresh_readme(self, record: FindingRecord) -> None:
+        """Rewrite a known finding's README.md with its new counts."""
+        directory = self.store.finding_dir(record.id)
+        try:
+            case = load_case(directory / "case.json")
+            environment = json.loads((directory / "environment.json").read_text())
+            log_text = (directory / "build.log").read_text(errors="replace")
+        except (OSError, ValueError, BuildfuzzError) as error:
+            log.warning("cannot refresh finding README", id=record.id, error=str(error))
+            return
+        page = render_finding_readme(
+            record,
+            case,
+            profile=self.prepared.profile,
+            targets=self.prepared.targets,
+            environment=environment,
+            log=log_text,
+        )
+        write_atomic(directory / "README.md", page)

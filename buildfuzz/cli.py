@@ -136,37 +136,118 @@ def run(
 
 @app.command()
 def replay(
-    path: Annotated[Path, typer.Argument(help="A finding directory or a case.json.")],
-    runs: Annotated[int, typer.Option(help="How many times to build the case.")] = 3,
+    path: Annotated[
+        Path | None, typer.Argument(help="A finding directory or a case.json.")
+    ] = None,
+    all_findings: Annotated[
+        bool, typer.Option("--all", help="Replay every finding in --results.")
+    ] = False,
+    results: Annotated[Path, typer.Option(help="Results directory for --all.")] = Path(
+        "results"
+    ),
+    runs: Annotated[int, typer.Option(help="How many times to build each case.")] = 3,
     build_timeout: Annotated[
         str, typer.Option(help="Time one build may take before it counts as a hang.")
     ] = "1m",
     log_format: LogFormat = "console",
     workdir: Workdir = DEFAULT_BASE,
 ) -> None:
-    """Build a recorded case again and report whether it fails the same way."""
-    from buildfuzz.replay import replay as replay_case
+    """Build recorded cases again and report whether they fail the same way.
+
+    With PATH: exit 0 when a run reproduced the signature, 1 when none did.
+    With --all: prints fixed, still failing or changed signature for each
+    finding; exit 0 when every finding is fixed, 1 otherwise.
+    """
+    from buildfuzz.replay import Status, replay_all, replay_path
 
     _configure(log_format)
     try:
-        report = replay_case(
-            path,
-            runs=runs,
-            build_timeout=parse_duration(build_timeout, option="--build-timeout"),
-            workdir=workdir,
-        )
+        if (path is None) == (not all_findings):
+            raise UsageError("give either a finding PATH or --all, not both or neither")
+        timeout = parse_duration(build_timeout, option="--build-timeout")
+        if path is not None:
+            report = replay_path(
+                path, runs=runs, build_timeout=timeout, workdir=workdir
+            )
+            reports = [report]
+        else:
+            reports = replay_all(
+                results, runs=runs, build_timeout=timeout, workdir=workdir
+            )
     except BuildfuzzError as error:
         _fail(error)
     except KeyboardInterrupt:
         typer.echo("buildfuzz: interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
-    wanted = str(report.expected) if report.expected else "any failure"
-    typer.echo(f"expected:   {wanted}")
-    for attempt, signature in enumerate(report.signatures, start=1):
-        typer.echo(f"run {attempt}:      {signature}")
-    typer.echo(f"reproduced: {report.reproduced}/{report.runs}")
-    raise typer.Exit(report.exit_code)
+    if path is not None:
+        report = reports[0]
+        wanted = str(report.expected) if report.expected else "any failure"
+        typer.echo(f"expected:   {wanted}")
+        for attempt, signature in enumerate(report.signatures, start=1):
+            typer.echo(f"run {attempt}:      {signature}")
+        typer.echo(f"reproduced: {report.reproduced}/{report.runs}")
+        raise typer.Exit(report.exit_code)
+
+    for report in reports:
+        typer.echo(
+            f"{report.name}  {report.status:<17}  "
+            f"reproduced {report.reproduced}/{report.runs}"
+        )
+    failing = [r for r in reports if r.status is not Status.FIXED]
+    typer.echo(f"{len(reports)} findings: {len(failing)} not fixed")
+    raise typer.Exit(1 if failing else 0)
+
+
+results_app = typer.Typer(
+    help="List and show findings of a results directory.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(results_app, name="results")
+ResultsOption = Annotated[
+    Path, typer.Option("--results", help="Results directory to read.")
+]
+
+
+@results_app.callback()
+def results_list(ctx: typer.Context, results: ResultsOption = Path("results")) -> None:
+    """List findings: id, phase, oracle, reproduction rate, first and last seen."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from buildfuzz.results import ResultsStore
+
+    try:
+        ResultsStore.check(results)
+        records = ResultsStore(results).findings()
+    except BuildfuzzError as error:
+        _fail(error)
+    if not records:
+        typer.echo(f"no findings in {results}")
+        return
+    for record in records:
+        flaky = " flaky" if record.flaky else ""
+        typer.echo(
+            f"{record.id}  {record.phase:<10} {record.oracle:<13} "
+            f"{record.reproduced}/{record.attempts}{flaky:<6}  "
+            f"{record.first_seen}  {record.last_seen}  x{record.count}  "
+            f"{record.message[:80]}"
+        )
+
+
+@results_app.command("show")
+def results_show(
+    finding_id: Annotated[str, typer.Argument(help="The finding id.")],
+    results: ResultsOption = Path("results"),
+) -> None:
+    """Print one finding's README."""
+    page = results / finding_id / "README.md"
+    if not (results / finding_id / "finding.json").exists():
+        _fail(UsageError(f"finding {finding_id!r} not found in {results}"))
+    try:
+        typer.echo(page.read_text())
+    except OSError as error:
+        _fail(UsageError(f"cannot read {page}: {error}"))
 
 
 @app.command()

@@ -35,7 +35,9 @@ log = structlog.get_logger(__name__)
 
 # Bytes handed to one generated case; Hypothesis stops drawing at 8 KiB.
 BUFFER_SIZE = 8192
-CONFIRM_RUNS = 2
+CONFIRM_RUNS = 2  # re-runs of the shrunk case that measure its reproduction rate
+RERUNS = 3  # tries to reproduce a new finding before shrinking it
+FLAKY_BELOW = 0.8  # a finding reproducing less often than this is labelled flaky
 
 
 class SignatureReproduced(Exception):
@@ -51,10 +53,16 @@ class ShrinkResult:
     reproduced: int = 0
     attempts: int = 0
     explanation: list[AxisReport] = field(default_factory=list)
+    shrunk: bool = True  # false when no re-run reproduced the finding
 
     @property
     def rate(self) -> float:
+        """How often re-runs reproduced the signature, from 0 to 1."""
         return self.reproduced / self.attempts if self.attempts else 0.0
+
+    @property
+    def flaky(self) -> bool:
+        return self.rate < FLAKY_BELOW
 
 
 @dataclass
@@ -183,10 +191,10 @@ class Fuzzer:
                 log.info(
                     "shrinking new finding", signature=str(signature), id=signature.id
                 )
-                shrunk = self.shrink(buffer, signature, shrink_deadline)
+                shrunk = self.shrink(buffer, record, signature, shrink_deadline)
             else:
                 log.info("budget spent; writing the finding unshrunk", id=signature.id)
-            if shrunk is not None and not self.interrupted:
+            if shrunk is not None and shrunk.shrunk and not self.interrupted:
                 self.minimize(shrunk, signature, shrink_deadline)
                 self.confirm(shrunk, signature)
         except KeyboardInterrupt:
@@ -195,11 +203,16 @@ class Fuzzer:
         self.on_finding(FindingEvent(signature, record, shrunk, new=True))
 
     def shrink(
-        self, buffer: bytes, signature: Signature, deadline: float
-    ) -> ShrinkResult | None:
+        self,
+        buffer: bytes,
+        original: CaseRecord,
+        signature: Signature,
+        deadline: float,
+    ) -> ShrinkResult:
         """Shrink the case of ``buffer`` while it reproduces ``signature``.
 
-        Returns None when the case does not fail the same way on a re-run.
+        A case that does not fail the same way on any re-run comes back
+        unshrunk, with ``shrunk`` false and its measured rate.
         """
         best: list[CaseRecord] = []
         seen: dict[str, bool] = {}
@@ -228,16 +241,28 @@ class Fuzzer:
             if matched:
                 raise SignatureReproduced(signature.id)
 
-        try:
-            # Re-running the original case stores it in the database, and
-            # only a case that fails again is worth shrinking.
-            reproduces.hypothesis.fuzz_one_input(buffer)  # type: ignore[attr-defined]
-        except SignatureReproduced:
-            pass
+        # Re-running the original case stores it in the database, and only a
+        # case that fails again is worth shrinking. A flaky one gets a few
+        # tries; the ones that did not reproduce count against its rate.
+        reruns = 0
+        while not best and reruns < RERUNS and time.monotonic() < deadline:
+            reruns += 1
+            seen.clear()
+            try:
+                reproduces.hypothesis.fuzz_one_input(buffer)  # type: ignore[attr-defined]
+            except SignatureReproduced:
+                pass
         if not best:
             log.info("finding did not reproduce; not shrinking", id=signature.id)
             self.stats.shrink_builds += builds
-            return None
+            return ShrinkResult(
+                case=original.case,
+                record=original,
+                builds=builds,
+                complete=False,
+                attempts=reruns,
+                shrunk=False,
+            )
 
         try:
             reproduces()
@@ -255,6 +280,8 @@ class Fuzzer:
             record=best[-1],
             builds=builds,
             complete=not budget_spent,
+            reproduced=1,
+            attempts=reruns,
         )
 
     def minimize(

@@ -19,7 +19,7 @@ import fcntl
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,13 @@ class FindingRecord:
     attempts: int
     seed: int
     profile: str
+    flaky: bool = False
+    explanation: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        """How often re-runs reproduced the signature, from 0 to 1."""
+        return self.reproduced / self.attempts if self.attempts else 0.0
 
 
 def now() -> str:

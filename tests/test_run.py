@@ -76,7 +76,9 @@ def test_findings_are_shrunk_to_minimum(finding_run) -> None:
         )
         assert case.files == ()
         assert record["shrunk"] is True
-        assert record["reproduced"] == record["attempts"] == 2
+        assert record["attempts"] == 3  # one re-run before shrinking, two after
+        assert record["reproduced"] == 3
+        assert record["flaky"] is False
 
 
 def test_finding_directory_has_every_file(finding_run) -> None:
@@ -86,6 +88,7 @@ def test_finding_directory_has_every_file(finding_run) -> None:
         names = {path.name for path in directory.iterdir()}
         environment = json.loads((directory / "environment.json").read_text())
         assert {"case.json", "original.json", "build.log", "repro.sh"} <= names
+        assert {"README.md", "environment.json", "finding.json"} <= names
         assert environment["engine"]["version"].startswith("26.1")
         assert environment["engine"]["storage_driver"] == "overlay2"
         assert environment["seed"] == 7
@@ -103,6 +106,36 @@ def test_replay_reproduces_finding(finding_run) -> None:
 
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "reproduced: 2/2" in completed.stdout
+
+
+def test_replay_all_reports_still_failing(finding_run) -> None:
+    _, results = finding_run
+
+    completed = buildfuzz(
+        "replay", "--all", "--results", str(results), "--runs", "1",
+        "--workdir", tempfile_dir(),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    assert completed.stdout.count("still failing") == 2
+    assert "2 findings: 2 not fixed" in completed.stdout
+
+
+def test_results_lists_and_shows_findings(finding_run) -> None:
+    _, results = finding_run
+    finding_id = finding_dirs(results)[0].name
+
+    listing = buildfuzz("results", "--results", str(results), cwd=REPO)
+    page = buildfuzz("results", "show", finding_id, "--results", str(results), cwd=REPO)
+
+    assert listing.returncode == 0
+    assert len(listing.stdout.strip().splitlines()) == 2
+    assert finding_id in listing.stdout
+    assert page.returncode == 0
+    assert f"# Finding {finding_id}" in page.stdout
+    assert "What the failure needs" in page.stdout
+    assert "COPY --chown=nobody:nogroup" in page.stdout
 
 
 def test_replay_of_passing_case_fails(tmp_path: Path) -> None:

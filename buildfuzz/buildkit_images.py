@@ -1,0 +1,581 @@
+"""BuildKit releases built from source, as images and as host daemons.
+
+The buildx ``docker-container`` driver runs BuildKit from an image, and the
+``remote`` driver talks to a running buildkitd. No image can be pulled from a
+public registry here, so buildfuzz compiles buildkitd and buildctl with the
+machine's Go toolchain from the Go module proxy, caches them under
+``~/.cache/buildfuzz/buildkit/VERSION/``, and either
+
+- packs them with runc, its shared libraries and a static busybox into an
+  image, imported into a sandbox engine and pushed to a loopback registry
+  (``publish_buildkit_image``), or
+- runs buildkitd as a host process on a unix socket (``HostBuildkitd``).
+
+The releases are listed in ``builders/buildkit.toml``.
+"""
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+from python_on_whales import DockerClient
+
+from buildfuzz.engine import CLOSED_PROXY, MAX_SOCKET_PATH
+from buildfuzz.errors import DataFileError, EngineError, SetupError
+from buildfuzz.install import BUSYBOX_TREE, engine_tree_name
+from buildfuzz.packages import tree_path
+from buildfuzz.paths import builders_dir, cache_root
+from buildfuzz.registry import LoopbackRegistry
+from buildfuzz.workdir import kill_processes_under, remove_tree
+
+log = structlog.get_logger(__name__)
+
+RELEASES_FILE = "buildkit.toml"
+RELEASE_KEYS = ("version", "go_module", "description")
+VERSION_PATTERN = re.compile(r"v(\d+)\.(\d+)\.(\d+)")
+BINARIES = ("buildkitd", "buildctl")
+# The tags of BuildKit's own Dockerfile; seccomp makes buildkitd give RUN
+# steps Docker's default seccomp profile.
+BUILD_TAGS = "osusergo netgo static_build seccomp"
+GO_FALLBACK = Path("/usr/local/go/bin/go")
+GO_TIMEOUT = 3600.0
+# The user's Go settings that are kept: where modules come from.
+GO_NETWORK_VARIABLES = ("GOPROXY", "GOSUMDB", "GOPRIVATE", "GONOPROXY", "GONOSUMDB")
+MARKER = ".buildfuzz-complete"
+IMAGE_REPOSITORY = "buildfuzz/buildkit"
+# The engine whose runc (Debian bookworm's, linked to libseccomp) goes into
+# the images and runs the host daemons' RUN steps.
+RUNC_ENGINE = "26.1"
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class BuildkitRelease:
+    """One entry of ``builders/buildkit.toml``."""
+
+    version: str
+    go_module: str
+    description: str
+
+    @property
+    def sort_key(self) -> tuple[int, ...]:
+        return _version_tuple(self.version)
+
+
+def load_buildkit_releases(path: Path | None = None) -> dict[str, BuildkitRelease]:
+    """Read the BuildKit releases, keyed by version, oldest first."""
+    path = path or builders_dir() / RELEASES_FILE
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise DataFileError(path, f"cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise DataFileError(path, f"invalid TOML: {error}") from None
+
+    entries = data.get("releases")
+    if not isinstance(entries, list) or not entries:
+        raise DataFileError(path, "needs at least one [[releases]] entry")
+    releases: dict[str, BuildkitRelease] = {}
+    for number, raw in enumerate(entries, start=1):
+        where = f"[[releases]] entry {number}"
+        if not isinstance(raw, dict):
+            raise DataFileError(path, f"{where} is not a table")
+        unknown = sorted(set(raw) - set(RELEASE_KEYS))
+        if unknown:
+            raise DataFileError(
+                path, f"{where}: unknown keys {unknown}; allowed: {list(RELEASE_KEYS)}"
+            )
+        for key in RELEASE_KEYS:
+            if not isinstance(raw.get(key), str) or not raw[key]:
+                raise DataFileError(path, f"{where}: {key} must be a non-empty string")
+        release = BuildkitRelease(**raw)
+        if not VERSION_PATTERN.fullmatch(release.version):
+            raise DataFileError(
+                path, f"{where}: version {release.version!r} is not of the form vX.Y.Z"
+            )
+        if release.version in releases:
+            raise DataFileError(path, f"{where}: version {release.version} repeats")
+        releases[release.version] = release
+
+    return dict(sorted(releases.items(), key=lambda item: item[1].sort_key))
+
+
+def newest_release(releases: dict[str, BuildkitRelease] | None = None) -> str:
+    """Return the newest version listed in ``builders/buildkit.toml``."""
+    releases = releases or load_buildkit_releases()
+    return max(releases.values(), key=lambda release: release.sort_key).version
+
+
+def _release(version: str) -> BuildkitRelease:
+    releases = load_buildkit_releases()
+    if version not in releases:
+        raise SetupError(
+            f"BuildKit {version} is not listed in "
+            f"{builders_dir() / RELEASES_FILE}; add it there or choose one of "
+            f"{', '.join(releases)}"
+        )
+    return releases[version]
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    """Turn ``v0.34.2``, ``1.26.8`` or ``go1.26rc1`` into comparable numbers."""
+    match = re.match(r"(?:go|v)?(\d+)(?:\.(\d+))?(?:\.(\d+))?", text.strip())
+    if not match:
+        return (0, 0, 0)
+    return tuple(int(part or 0) for part in match.groups())
+
+
+# Binaries -----------------------------------------------------------------
+
+
+def buildkit_binaries_dir(version: str) -> Path:
+    return cache_root() / "buildkit" / version
+
+
+def ensure_buildkit_binaries(version: str) -> Path:
+    """Return the directory holding ``buildkitd`` and ``buildctl`` of ``version``.
+
+    They are compiled on the first call and reused from the cache afterwards.
+    """
+    release = _release(version)
+    directory = buildkit_binaries_dir(version)
+    marker = directory / MARKER
+    if marker.is_file() and marker.read_text() == _fingerprint(release):
+        return directory
+
+    go = go_toolchain()
+    started = time.monotonic()
+    log.info("buildkit build started", version=version, go=str(go))
+    staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+    remove_tree(staging)
+    staging.mkdir(parents=True)
+    try:
+        module = _download_module(go, release)
+        _check_go_version(go, release, Path(module["Dir"]) / "go.mod")
+        source = staging / "source"
+        shutil.copytree(module["Dir"], source, symlinks=True)
+        for path in (source, *source.rglob("*")):
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | 0o200)
+        _compile(go, release, source, staging, module.get("Origin", {}).get("Hash"))
+        shutil.rmtree(source)
+        (staging / MARKER).write_text(_fingerprint(release))
+        remove_tree(directory)
+        staging.rename(directory)
+    finally:
+        remove_tree(staging)
+
+    log.info(
+        "buildkit built",
+        version=version,
+        seconds=round(time.monotonic() - started, 1),
+        directory=str(directory),
+    )
+    return directory
+
+
+def go_toolchain() -> Path:
+    """Return the ``go`` command: the one on PATH, else /usr/local/go/bin/go."""
+    found = shutil.which("go")
+    if found:
+        return Path(found)
+    if GO_FALLBACK.is_file() and os.access(GO_FALLBACK, os.X_OK):
+        return GO_FALLBACK
+    raise SetupError(
+        "go toolchain not found on PATH nor at /usr/local/go/bin/go; "
+        "install Go (https://go.dev/dl) or Debian's golang-go, "
+        "to build BuildKit from source"
+    )
+
+
+def _fingerprint(release: BuildkitRelease) -> str:
+    return json.dumps(
+        {"module": release.go_module, "version": release.version, "tags": BUILD_TAGS}
+    )
+
+
+def _go_environment() -> dict[str, str]:
+    go_root = cache_root() / "go"
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("GO", "CGO_"))
+    }
+    environment.update(
+        GOPATH=str(go_root),
+        GOMODCACHE=str(go_root / "mod"),
+        GOCACHE=str(go_root / "build"),
+        # Writable module files, so that a cache directory can be removed.
+        GOFLAGS="-modcacherw",
+        # Compile with the installed Go, never a toolchain the module names.
+        GOTOOLCHAIN="local",
+        # The user's `go env -w` settings do not apply.
+        GOENV="off",
+        CGO_ENABLED="0",
+    )
+    for name in GO_NETWORK_VARIABLES:
+        if name in os.environ:
+            environment[name] = os.environ[name]
+    return environment
+
+
+def _go(go: Path, arguments: list[str], purpose: str, cwd: Path | None = None) -> str:
+    completed = subprocess.run(
+        [str(go), *arguments],
+        cwd=cwd,
+        env=_go_environment(),
+        capture_output=True,
+        text=True,
+        timeout=GO_TIMEOUT,
+        check=False,
+    )
+    if completed.returncode != 0:
+        detail = (completed.stderr or completed.stdout).strip().splitlines()
+        raise SetupError(f"failed to {purpose}: {' | '.join(detail[-5:])}")
+    return completed.stdout
+
+
+def _download_module(go: Path, release: BuildkitRelease) -> dict[str, Any]:
+    wanted = f"{release.go_module}@{release.version}"
+    output = _go(
+        go, ["mod", "download", "-json", wanted], f"download {wanted}", cwd=Path("/")
+    )
+    module: dict[str, Any] = json.loads(output)
+    if module.get("Error") or not module.get("Dir"):
+        raise SetupError(f"failed to download {wanted}: {module.get('Error')}")
+    return module
+
+
+def _check_go_version(go: Path, release: BuildkitRelease, go_mod: Path) -> None:
+    wanted = re.search(r"^go\s+(\S+)", go_mod.read_text(), re.MULTILINE)
+    if wanted is None:
+        return
+    installed = _go(go, ["env", "GOVERSION"], "read the Go version").strip()
+    if _version_tuple(wanted.group(1)) > _version_tuple(installed):
+        raise SetupError(
+            f"BuildKit {release.version} needs Go {wanted.group(1)} or newer, "
+            f"but {go} is {installed}; install a newer Go or choose an older "
+            f"release in {builders_dir() / RELEASES_FILE}"
+        )
+
+
+def _compile(
+    go: Path,
+    release: BuildkitRelease,
+    source: Path,
+    output: Path,
+    revision: str | None,
+) -> None:
+    # `go install MODULE/cmd/...@VERSION` refuses modules whose go.mod has
+    # replace or exclude directives, so the build runs in a copy of the module.
+    # Module downloads keep only vendor/modules.txt of a vendored release, so
+    # the dependencies always come from the module cache (-mod=mod).
+    package = f"{release.go_module}/version"
+    ldflags = [
+        f"-X {package}.Version={release.version}",
+        f"-X {package}.Package={release.go_module}",
+    ]
+    if revision:
+        ldflags.append(f"-X {package}.Revision={revision}")
+    _go(
+        go,
+        [
+            "build",
+            "-mod=mod",
+            "-trimpath",
+            "-tags", BUILD_TAGS,
+            "-ldflags", " ".join(ldflags),
+            "-o", f"{output}/",
+            *(f"./cmd/{binary}" for binary in BINARIES),
+        ],
+        f"compile BuildKit {release.version}",
+        cwd=source,
+    )  # fmt: skip
+
+
+# Images -------------------------------------------------------------------
+
+
+def runc_binary() -> Path:
+    """Return the runc of the engine tree that the images and host daemons use."""
+    tree = tree_path(engine_tree_name(RUNC_ENGINE))
+    for candidate in (tree / "usr/sbin/runc", tree / "usr/bin/runc"):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise SetupError(
+        f"runc not found in {tree}; run `buildfuzz setup` to download engine "
+        f"{RUNC_ENGINE}"
+    )
+
+
+def _busybox_binary() -> Path:
+    busybox = tree_path(BUSYBOX_TREE) / "bin" / "busybox"
+    if not busybox.is_file():
+        raise SetupError(
+            f"busybox not found at {busybox}; run `buildfuzz setup` to download it"
+        )
+    return busybox
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """Return the paths of the libraries and loader that ``binary`` links to."""
+    completed = subprocess.run(
+        ["ldd", str(binary)], capture_output=True, text=True, check=False
+    )
+    if "not a dynamic executable" in completed.stdout + completed.stderr:
+        return []
+    if completed.returncode != 0:
+        raise SetupError(f"ldd {binary} failed: {completed.stderr.strip()}")
+    libraries = []
+    for line in completed.stdout.splitlines():
+        if "not found" in line:
+            raise SetupError(
+                f"{binary} needs {line.split()[0]}, which this machine lacks; "
+                "install it with apt-get (runc needs libseccomp2)"
+            )
+        path = next((part for part in line.split() if part.startswith("/")), None)
+        if path:
+            libraries.append(Path(path))
+    return libraries
+
+
+def buildkit_rootfs_tar(version: str, destination: Path) -> Path:
+    """Write the root filesystem of a BuildKit image as a tar at ``destination``.
+
+    It holds buildkitd and buildctl, runc with its shared libraries, a static
+    busybox as /bin/sh, and the directories buildkitd uses.
+    """
+    binaries = ensure_buildkit_binaries(version)
+    runc = runc_binary()
+    files: list[tuple[str, Path]] = [
+        *((f"usr/bin/{name}", binaries / name) for name in BINARIES),
+        ("usr/bin/runc", runc),
+        ("bin/busybox", _busybox_binary()),
+        *((str(library).lstrip("/"), library) for library in shared_libraries(runc)),
+    ]
+    directories = {"etc/buildkit", "var/lib/buildkit", "run", "tmp", "root"}
+    for name, _ in files:
+        directories.update(str(parent) for parent in Path(name).parents)
+    directories.discard(".")
+
+    with tarfile.open(destination, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name in sorted(directories):
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o1777 if name == "tmp" else 0o755
+            archive.addfile(info)
+        for name, source in files:
+            info = tarfile.TarInfo(name)
+            info.size = source.stat().st_size
+            info.mode = 0o755
+            with source.open("rb") as stream:
+                archive.addfile(info, stream)
+        link = tarfile.TarInfo("bin/sh")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "busybox"
+        archive.addfile(link)
+        for name, text in (
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"),
+            ("etc/group", "root:x:0:\n"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(text)
+            archive.addfile(info, io.BytesIO(text.encode()))
+
+    return destination
+
+
+def buildkit_image_reference(registry: LoopbackRegistry, version: str) -> str:
+    return registry.image(IMAGE_REPOSITORY, version)
+
+
+def publish_buildkit_image(
+    docker: DockerClient, registry: LoopbackRegistry, version: str
+) -> str:
+    """Import the BuildKit ``version`` image into ``docker``'s engine and push it.
+
+    Return its reference, ``localhost:PORT/buildfuzz/buildkit:VERSION``, for
+    ``docker buildx create --driver docker-container --driver-opt image=...``.
+    The driver pulls the image before it starts a builder; as it lives on the
+    loopback registry, that pull stays on 127.0.0.1.
+    """
+    reference = buildkit_image_reference(registry, version)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="buildfuzz-buildkit-") as scratch:
+        tar_path = buildkit_rootfs_tar(version, Path(scratch) / "rootfs.tar")
+        docker.image.import_(
+            tar_path,
+            reference,
+            changes=['ENTRYPOINT ["buildkitd"]', "ENV PATH=/usr/bin:/bin"],
+        )
+    if registry.username is not None and registry.password is not None:
+        docker.login(registry.host, registry.username, registry.password)
+    docker.image.push(reference, quiet=True)
+    log.info(
+        "buildkit image published",
+        image=reference,
+        seconds=round(time.monotonic() - started, 1),
+    )
+    return reference
+
+
+# Host daemons -------------------------------------------------------------
+
+
+class HostBuildkitd:
+    """buildkitd of one release as a root process on a unix socket.
+
+    Its state, socket and log live in ``base/buildkitd-VERSION``; the buildx
+    remote driver reaches it at ``address``. RUN steps use runc from the
+    engine tree and the host network (or none), as there is no CNI set-up.
+    """
+
+    def __init__(self, version: str, base: Path) -> None:
+        self.version = version
+        self.directory = base / f"buildkitd-{version}"
+        self.socket = self.directory / "buildkitd.sock"
+        self.log_path = self.directory / "buildkitd.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise EngineError(
+                "a host buildkitd needs root (it mounts file systems); "
+                "run buildfuzz as root"
+            )
+        if len(str(self.socket)) > MAX_SOCKET_PATH:
+            raise EngineError(
+                f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes, "
+                "the limit of unix sockets; give a shorter --workdir"
+            )
+        binaries = ensure_buildkit_binaries(self.version)
+        runc = runc_binary()
+        self.directory.mkdir(parents=True)
+        # An empty configuration of its own: /etc/buildkit/buildkitd.toml of
+        # the machine, if any, is not read.
+        config = self.directory / "buildkitd.toml"
+        config.write_text("")
+        command = [
+            str(binaries / "buildkitd"),
+            f"--config={config}",
+            f"--root={self.directory / 'root'}",
+            f"--addr={self.address}",
+            "--oci-worker=true",
+            "--containerd-worker=false",
+            "--oci-worker-net=host",
+        ]
+        started = time.monotonic()
+        with self.log_path.open("wb") as log_file:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self._environment(runc.parent),
+                start_new_session=True,
+            )
+        try:
+            self._wait_until_ready(binaries / "buildctl")
+        except BaseException:
+            self.stop()
+            raise
+        log.info(
+            "buildkitd started",
+            version=self.version,
+            address=self.address,
+            seconds=round(time.monotonic() - started, 1),
+        )
+
+    def _environment(self, runc_dir: Path) -> dict[str, str]:
+        path = ":".join([str(runc_dir), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        return {
+            "PATH": path,
+            "HOME": str(self.directory),
+            "LANG": "C.UTF-8",
+            # As for the sandbox engines: registries other than loopback ones
+            # are reached through a closed port, so such pulls fail at once.
+            "HTTP_PROXY": CLOSED_PROXY,
+            "HTTPS_PROXY": CLOSED_PROXY,
+            "NO_PROXY": "localhost,127.0.0.1,::1",
+        }
+
+    def _wait_until_ready(self, buildctl: Path) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise EngineError(
+                    f"buildkitd {self.version} exited with status "
+                    f"{self._process.returncode}: {self.log_tail()}",
+                    log_path=self.log_path,
+                )
+            if self.socket.exists():
+                probe = subprocess.run(
+                    [str(buildctl), f"--addr={self.address}", "debug", "workers"],
+                    capture_output=True,
+                    timeout=10,
+                    check=False,
+                )
+                if probe.returncode == 0:
+                    return
+            time.sleep(0.2)
+        raise EngineError(
+            f"buildkitd {self.version} did not answer on {self.address} within "
+            f"{START_TIMEOUT:.0f} s; see {self.log_path}",
+            log_path=self.log_path,
+        )
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no buildkitd log)"
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """Stop buildkitd and remove its state, even if it is already gone."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "buildkitd did not stop in time; killing it", version=self.version
+                )
+                process.kill()
+                process.wait()
+        self._process = None
+        kill_processes_under(self.directory)
+        remove_tree(self.directory)
+        log.info("buildkitd stopped", version=self.version)
+
+    def __enter__(self) -> "HostBuildkitd":
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()

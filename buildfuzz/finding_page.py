@@ -1,0 +1,132 @@
+"""The README.md of a finding directory: the finding explained for people."""
+
+from typing import Any
+
+from buildfuzz.case import Case
+from buildfuzz.minimize import default_case
+from buildfuzz.profile import Profile
+from buildfuzz.results import FindingRecord
+from buildfuzz.rules import context_listing
+from buildfuzz.strategies import Target
+
+LOG_LINES = 25
+
+
+def needed_axes(case: Case, default: Case) -> list[tuple[str, str, str]]:
+    """Return (axis, value, default) for every axis where the case differs."""
+    rows = []
+    for axis in ("engine", "builder", "platform", "output"):
+        value, base = getattr(case, axis), getattr(default, axis)
+        if value != base:
+            rows.append((axis, str(value) or "(default)", str(base) or "(default)"))
+    if case.build_args:
+        arguments = " ".join(f"{name}={value}" for name, value in case.build_args)
+        rows.append(("build args", arguments, "none"))
+    if case.dockerignore is not None:
+        rows.append((".dockerignore", " ".join(case.dockerignore), "none"))
+    if case.dockerfile != default.dockerfile:
+        rows.append(("Dockerfile", " / ".join(case.dockerfile), default.dockerfile[0]))
+    for entry in case.files:
+        rows.append(("context file", _describe_file(entry), "no file"))
+    return rows
+
+
+def _describe_file(entry: Any) -> str:
+    owner = f"{entry.uid}:{entry.gid}"
+    text = f"{entry.kind} {entry.path!r} mode {entry.mode:04o} owner {owner}"
+    if entry.kind == "file":
+        text += f" size {entry.size}"
+    if entry.target:
+        text += f" -> {entry.target!r}"
+    return text + f" mtime_ns {entry.mtime_ns}"
+
+
+def render_finding_readme(
+    record: FindingRecord,
+    case: Case,
+    *,
+    profile: Profile,
+    targets: tuple[Target, ...],
+    environment: dict[str, Any],
+    log: str,
+) -> str:
+    default = default_case(profile, targets)
+    rate = f"{record.reproduced}/{record.attempts} re-runs"
+    flaky = " (flaky)" if record.flaky else ""
+    lines = [
+        f"# Finding {record.id}",
+        "",
+        f"**{record.phase}**: `{record.message}`",
+        "",
+        f"- oracle: {record.oracle}",
+        f"- reproduced: {rate}{flaky}",
+        f"- shrunk: {'yes' if record.shrunk else 'no'}"
+        + ("" if record.shrink_complete else " (not fully: the shrink budget ran out)"),
+        f"- first seen: {record.first_seen}, last seen: {record.last_seen}, "
+        f"seen {record.count} times",
+        f"- found with profile `{record.profile}`, seed {record.seed}",
+        "",
+        "## What the failure needs",
+        "",
+        "Each row differs from the profile's default case; undoing any one of "
+        "them made the failure go away (unless shrinking was cut short).",
+        "",
+        "| axis | value | default |",
+        "|---|---|---|",
+        *[f"| {a} | `{v}` | `{d}` |" for a, v, d in needed_axes(case, default)],
+        "",
+    ]
+    if record.explanation:
+        lines += [
+            "## Other values tried",
+            "",
+            "| axis | value in the case | fails with | passes with | so it is |",
+            "|---|---|---|---|---|",
+        ]
+        for report in record.explanation:
+            lines.append(
+                f"| {report['axis']} | {report['value']} "
+                f"| {', '.join(report['failing']) or '-'} "
+                f"| {', '.join(report['passing']) or '-'} | {report['status']} |"
+            )
+        lines.append("")
+
+    engine = environment.get("engine", {})
+    lines += [
+        "## Versions",
+        "",
+        f"- engine {engine.get('version', '?')} ({engine.get('storage_driver', '?')}), "
+        f"containerd {engine.get('containerd', '?')}",
+        f"- docker CLI {environment.get('docker_cli', '?')}, "
+        f"buildx {environment.get('buildx', '?')}, "
+        f"BuildKit {environment.get('buildkit', '?')}",
+        f"- kernel {environment.get('kernel', '?')}, "
+        f"buildfuzz {environment.get('buildfuzz', '?')}",
+        "",
+        "## Reproduce",
+        "",
+        "```sh",
+        f"buildfuzz replay {record.id}    # on a fresh sandbox engine",
+        "./repro.sh                       # with docker alone, on DOCKER_HOST",
+        "```",
+        "",
+        "Dockerfile:",
+        "",
+        "```dockerfile",
+        case.dockerfile_text.rstrip(),
+        "```",
+        "",
+        "Context:",
+        "",
+        "```",
+        context_listing(case) or "(empty)",
+        "```",
+        "",
+        "End of the build log:",
+        "",
+        "```",
+        *log.rstrip().splitlines()[-LOG_LINES:],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

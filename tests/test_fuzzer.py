@@ -1,0 +1,144 @@
+"""The fuzzing loop's logic, driven by a purpose-made fake builder.
+
+Real builds are covered by tests/test_run.py; here a pure function plays
+the builder so that shrinking, 1-minimality and the explanation can be
+checked quickly and exactly.
+"""
+
+import time
+from collections.abc import Callable
+
+from buildfuzz.build import BuildResult
+from buildfuzz.case import Case, FileKind, Output
+from buildfuzz.fuzzer import FindingEvent, Fuzzer
+from buildfuzz.minimize import default_case
+from buildfuzz.profile import load_profile
+from buildfuzz.session import CaseRecord
+from buildfuzz.signature import Phase, Signature
+from buildfuzz.strategies import Target, cases
+from buildfuzz.verdict import Evaluation, Oracle, Verdict
+
+PROFILE = load_profile("default")
+TARGETS = (
+    Target("26.1", "buildx-docker", (Output.LOAD, Output.TAR, Output.LOCAL)),
+    Target("26.1", "classic", (Output.LOAD,)),
+    Target("20.10", "buildx-docker", (Output.LOAD, Output.TAR, Output.LOCAL)),
+)
+PLANTED = Signature(Phase.SOLVE, "planted failure")
+
+
+def fake_builder(fails: Callable[[Case], bool]) -> Callable[[Case], CaseRecord]:
+    def execute(case: Case) -> CaseRecord:
+        result = BuildResult(exit_status=1 if fails(case) else 0, log="", duration=0)
+        if result.succeeded:
+            return CaseRecord(case, result, Evaluation(Verdict.PASS))
+        return CaseRecord(
+            case, result, Evaluation(Verdict.FINDING, PLANTED, Oracle.BUILD_ERROR)
+        )
+
+    return execute
+
+
+def two_axes(case: Case) -> bool:
+    """Fail only for a tar output with a setuid file in the context."""
+    setuid = any(f.kind is FileKind.FILE and f.mode & 0o4000 for f in case.files)
+    return case.output is Output.TAR and setuid
+
+
+def run_fuzzer(fails: Callable[[Case], bool], seconds: float = 8) -> list[FindingEvent]:
+    events: list[FindingEvent] = []
+    fuzzer = Fuzzer(
+        cases(PROFILE, TARGETS),
+        fake_builder(fails),
+        profile=PROFILE,
+        targets=TARGETS,
+        seed=5,
+        known=lambda signature: any(e.signature == signature for e in events),
+        on_finding=events.append,
+    )
+    fuzzer.run(time.monotonic() + seconds, shrink_budget=seconds)
+    return events
+
+
+def test_planted_finding_shrinks_to_two_axes() -> None:
+    events = run_fuzzer(two_axes)
+    new = [event for event in events if event.new]
+
+    assert len(new) == 1
+    shrunk = new[0].shrunk
+    assert shrunk is not None
+    case = shrunk.case
+    default = default_case(PROFILE, TARGETS)
+    assert case.output is Output.TAR
+    assert len(case.files) == 1
+    assert case.files[0].mode == 0o4755
+    assert case.files[0].size == PROFILE.context.sizes[0]
+    assert case.files[0].uid == PROFILE.context.owners[0]
+    assert case.dockerfile == default.dockerfile
+    assert case.dockerignore is None
+    assert case.platform == default.platform
+    assert case.build_args == ()
+    assert (case.engine, case.builder) == (default.engine, default.builder)
+
+
+def test_planted_finding_reports_free_axes() -> None:
+    events = run_fuzzer(two_axes)
+    shrunk = next(event.shrunk for event in events if event.new)
+
+    assert shrunk is not None
+    status = {report.axis: report.status for report in shrunk.explanation}
+    assert status["engine"] == "free"
+    assert status["platform"] == "free"
+    assert status["output"] == "needed"
+    assert shrunk.rate == 1.0
+    assert shrunk.complete
+
+
+def test_known_finding_is_not_shrunk_again() -> None:
+    events = run_fuzzer(lambda case: len(case.files) >= 1, seconds=5)
+
+    assert sum(event.new for event in events) == 1
+    assert any(not event.new for event in events)
+    assert all(event.shrunk is None for event in events if not event.new)
+
+
+def test_flaky_finding_gets_measured_rate() -> None:
+    calls = {"count": 0}
+
+    def flaky(case: Case) -> bool:
+        calls["count"] += 1
+        return len(case.files) >= 1 and calls["count"] % 2 == 0
+
+    events = run_fuzzer(flaky, seconds=5)
+    shrunk = next((e.shrunk for e in events if e.new and e.shrunk), None)
+
+    assert shrunk is not None
+    assert shrunk.attempts >= 3
+    assert shrunk.rate < 1.0
+    assert shrunk.flaky
+
+
+def test_seed_gives_same_case_sequence() -> None:
+    sequences = []
+    for _ in range(2):
+        seen: list[str] = []
+
+        def record(case: Case, seen: list[str] = seen) -> CaseRecord:
+            seen.append(case.id)
+            return fake_builder(lambda _: False)(case)
+
+        fuzzer = Fuzzer(
+            cases(PROFILE, TARGETS),
+            record,
+            profile=PROFILE,
+            targets=TARGETS,
+            seed=99,
+            known=lambda _: False,
+            on_finding=lambda _: None,
+        )
+        fuzzer.run(time.monotonic() + 2, shrink_budget=1)
+        sequences.append(seen)
+
+    length = min(map(len, sequences))
+    assert length > 20
+    assert sequences[0][:length] == sequences[1][:length]
