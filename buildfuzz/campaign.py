@@ -1,6 +1,5 @@
 """``buildfuzz run``: a fuzzing campaign from set-up to summary."""
 
-import json
 import os
 import random
 import time
@@ -9,32 +8,25 @@ from pathlib import Path
 
 import structlog
 
-from buildfuzz.case import load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
-from buildfuzz.environment import describe
 from buildfuzz.errors import (
     EXIT_FINDINGS,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    BuildfuzzError,
     SetupError,
     UsageError,
 )
-from buildfuzz.finding_page import render_finding_readme
-from buildfuzz.fuzzer import FindingEvent, Fuzzer, Stats
+from buildfuzz.finding_writer import FindingWriter, WrittenFindings
+from buildfuzz.fuzzer import Fuzzer, Stats
 from buildfuzz.install import CLIENT_TREE, ensure_installed, missing_trees
 from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile, load_profile
-from buildfuzz.repro import render_repro
 from buildfuzz.results import (
-    FindingRecord,
     ResultsStore,
-    json_text,
-    now,
-    write_atomic,
 )
 from buildfuzz.rules import Rule, load_rules
+from buildfuzz.runlog import RunLog
 from buildfuzz.session import CaseRecord, Session
 from buildfuzz.strategies import Target, cases
 from buildfuzz.workdir import DEFAULT_BASE, create_run_dir, remove_tree
@@ -62,10 +54,17 @@ class RunSummary:
     budget: float
     elapsed: float
     stats: Stats
-    new_findings: list[str] = field(default_factory=list)
-    known_findings: list[str] = field(default_factory=list)
+    written: WrittenFindings = field(default_factory=WrittenFindings)
     interrupted: bool = False
     results: Path = Path("results")
+
+    @property
+    def new_findings(self) -> list[str]:
+        return self.written.new
+
+    @property
+    def known_findings(self) -> list[str]:
+        return self.written.known
 
     @property
     def distinct_findings(self) -> int:
@@ -75,6 +74,25 @@ class RunSummary:
     def builds_per_minute(self) -> float:
         builds = self.stats.cases + self.stats.shrink_builds
         return builds / (self.elapsed / 60) if self.elapsed > 0 else 0.0
+
+    def to_dict(self, run_id: str) -> dict[str, object]:
+        return {
+            "run_id": run_id,
+            "seed": self.seed,
+            "profile": self.profile,
+            "budget": self.budget,
+            "elapsed": round(self.elapsed, 1),
+            "interrupted": self.interrupted,
+            "cases": self.stats.cases,
+            "passes": self.stats.passes,
+            "expected": self.stats.expected,
+            "finding_builds": self.stats.findings,
+            "shrink_builds": self.stats.shrink_builds,
+            "builds_per_minute": round(self.builds_per_minute, 1),
+            "per_target": self.stats.per_verdict_target,
+            "new_findings": self.new_findings,
+            "known_findings": self.known_findings,
+        }
 
     @property
     def exit_code(self) -> int:
@@ -142,6 +160,8 @@ def run_campaign(options: RunOptions) -> RunSummary:
     ensure_installed(prepared.definitions, list(prepared.profile.engines))
 
     store = ResultsStore(options.results).open()
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{seed}"
+    run_log = RunLog(options.results, run_id).open()
     run_dir = create_run_dir(options.workdir)
     started = time.monotonic()
     summary = RunSummary(
@@ -153,6 +173,12 @@ def run_campaign(options: RunOptions) -> RunSummary:
         results=options.results,
     )
     session: Session | None = None
+    fuzzer: Fuzzer | None = None
+
+    def on_case(record: CaseRecord) -> None:
+        _log_case(record)
+        run_log.record(record, phase=fuzzer.phase if fuzzer else "fuzz")
+
     log.info(
         "run started", seed=seed, profile=prepared.profile.name, budget=options.budget
     )
@@ -165,9 +191,18 @@ def run_campaign(options: RunOptions) -> RunSummary:
             rules=prepared.rules,
             build_timeout=options.build_timeout,
             strict=options.strict,
-            on_case=_log_case,
+            on_case=on_case,
         )
-        writer = _FindingWriter(store, session, tools, prepared, seed, options, summary)
+        writer = FindingWriter(
+            store,
+            session,
+            tools,
+            profile=prepared.profile,
+            targets=prepared.targets,
+            seed=seed,
+            build_timeout=options.build_timeout,
+        )
+        summary.written = writer.written
         fuzzer = Fuzzer(
             cases(prepared.profile, prepared.targets),
             session.execute,
@@ -189,6 +224,7 @@ def run_campaign(options: RunOptions) -> RunSummary:
         if session is not None:
             session.close()
         remove_tree(run_dir)
+        run_log.finish(summary.to_dict(run_id))
         store.close()
 
     log.info(
@@ -212,122 +248,3 @@ def _log_case(record: CaseRecord) -> None:
         rule=evaluation.rule,
         seconds=round(record.result.duration, 2),
     )
-
-
-class _FindingWriter:
-    """Turn the fuzzer's finding events into results directories."""
-
-    def __init__(
-        self,
-        store: ResultsStore,
-        session: Session,
-        tools: ClientTools,
-        prepared: Prepared,
-        seed: int,
-        options: RunOptions,
-        summary: RunSummary,
-    ) -> None:
-        self.store = store
-        self.session = session
-        self.tools = tools
-        self.prepared = prepared
-        self.seed = seed
-        self.options = options
-        self.summary = summary
-
-    def write(self, event: FindingEvent) -> None:
-        signature = event.signature
-        if not event.new:
-            known = self.store.seen_again(signature.id)
-            if known is not None:
-                self._refresh_readme(known)
-            if (
-                signature.id
-                not in self.summary.known_findings + self.summary.new_findings
-            ):
-                self.summary.known_findings.append(signature.id)
-            return
-
-        original = event.original
-        shrunk = event.shrunk
-        best = shrunk.record if shrunk else original
-        engine = self.session.engines[best.case.engine]
-        environment = describe(
-            self.tools.docker(engine.host),
-            engine.info,
-            seed=self.seed,
-            profile=self.prepared.profile.name,
-        )
-        timestamp = now()
-        record = FindingRecord(
-            id=signature.id,
-            phase=str(signature.phase),
-            message=signature.message,
-            oracle=str(original.evaluation.oracle),
-            builder=best.case.builder,
-            engine=best.case.engine,
-            count=1,
-            first_seen=timestamp,
-            last_seen=timestamp,
-            shrunk=bool(shrunk and shrunk.shrunk),
-            shrink_complete=bool(shrunk and shrunk.complete),
-            shrink_builds=shrunk.builds if shrunk else 0,
-            reproduced=shrunk.reproduced if shrunk else 0,
-            attempts=shrunk.attempts if shrunk else 0,
-            flaky=bool(shrunk and shrunk.flaky),
-            seed=self.seed,
-            profile=self.prepared.profile.name,
-            explanation=[
-                {"axis": r.axis, "value": r.value, "status": r.status,
-                 "failing": r.failing, "passing": r.passing}
-                for r in (shrunk.explanation if shrunk else [])
-            ],
-        )  # fmt: skip
-        directory = self.store.write(
-            record,
-            {
-                "case.json": best.case.to_json(),
-                "original.json": original.case.to_json(),
-                "build.log": best.result.log + best.result.load_log,
-                "environment.json": json_text(environment),
-                "repro.sh": render_repro(
-                    best.case, signature, timeout=self.options.build_timeout
-                ),
-                "README.md": render_finding_readme(
-                    record,
-                    best.case,
-                    profile=self.prepared.profile,
-                    targets=self.prepared.targets,
-                    environment=environment,
-                    log=best.result.log + best.result.load_log,
-                ),
-            },
-        )
-        self.summary.new_findings.append(signature.id)
-        log.info(
-            "finding written",
-            id=signature.id,
-            signature=str(signature),
-            path=str(directory),
-            shrink_builds=record.shrink_builds,
-        )
-
-    def _refresh_readme(self, record: FindingRecord) -> None:
-        """Rewrite a known finding's README.md with its new counts."""
-        directory = self.store.finding_dir(record.id)
-        try:
-            case = load_case(directory / "case.json")
-            environment = json.loads((directory / "environment.json").read_text())
-            log_text = (directory / "build.log").read_text(errors="replace")
-        except (OSError, ValueError, BuildfuzzError) as error:
-            log.warning("cannot refresh finding README", id=record.id, error=str(error))
-            return
-        page = render_finding_readme(
-            record,
-            case,
-            profile=self.prepared.profile,
-            targets=self.prepared.targets,
-            environment=environment,
-            log=log_text,
-        )
-        write_atomic(directory / "README.md", page)

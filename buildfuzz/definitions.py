@@ -26,6 +26,7 @@ class EngineDefinition:
     storage_driver: str
     packages: tuple[PackageSet, ...]
     features: tuple[tuple[str, bool], ...] = ()
+    buildkit: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,8 @@ def _packages(raw: Any) -> tuple[PackageSet, ...]:
 
 
 def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
-    unknown = sorted(
-        set(raw) - {"description", "storage_driver", "packages", "features"}
-    )
+    keys = {"description", "storage_driver", "packages", "features", "buildkit"}
+    unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
     features = raw.get("features", {})
@@ -134,6 +134,7 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
         storage_driver=str(raw.get("storage_driver", "overlay2")),
         packages=_packages(raw["packages"]),
         features=tuple((str(k), bool(v)) for k, v in features.items()),
+        buildkit=str(raw.get("buildkit", "")),
     )
 
 

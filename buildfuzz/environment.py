@@ -11,7 +11,12 @@ from buildfuzz.engine import EngineInfo
 
 
 def describe(
-    docker: DockerClient, engine: EngineInfo | None, *, seed: int, profile: str
+    docker: DockerClient,
+    engine: EngineInfo | None,
+    *,
+    seed: int,
+    profile: str,
+    embedded_buildkit: str = "",
 ) -> dict[str, Any]:
     """Return versions and settings that could decide a build's outcome."""
     record: dict[str, Any] = {
@@ -36,7 +41,11 @@ def describe(
         record["docker_cli"] = docker.version().client.version  # type: ignore[union-attr]
         record["buildx"] = docker.buildx.version()
         nodes = docker.buildx.inspect().nodes
-        record["buildkit"] = nodes[0].version if nodes else None
+        reported = nodes[0].version if nodes else None
+        if embedded_buildkit and reported in (None, "v0.0.0+unknown"):
+            # Debian's dockerd leaves the embedded BuildKit's version unset.
+            reported = f"{embedded_buildkit} (embedded in the engine)"
+        record["buildkit"] = reported
     except (DockerException, AttributeError, IndexError) as error:
         record["client_error"] = str(error)
     return record

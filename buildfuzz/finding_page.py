@@ -76,14 +76,15 @@ def render_finding_readme(
         *[f"| {a} | `{v}` | `{d}` |" for a, v, d in needed_axes(case, default)],
         "",
     ]
-    if record.explanation:
+    tried = [r for r in record.explanation if r["failing"] or r["passing"]]
+    if tried:
         lines += [
             "## Other values tried",
             "",
             "| axis | value in the case | fails with | passes with | so it is |",
             "|---|---|---|---|---|",
         ]
-        for report in record.explanation:
+        for report in tried:
             lines.append(
                 f"| {report['axis']} | {report['value']} "
                 f"| {', '.join(report['failing']) or '-'} "

@@ -142,6 +142,7 @@ class Fuzzer:
         self.stats = Stats()
         self.stopped = False
         self.interrupted = False
+        self.phase = "fuzz"  # "shrink" while a new finding is being shrunk
         self._generate = self._generation_test()
 
     def _generation_test(self) -> Callable[[bytes], object]:
@@ -186,6 +187,7 @@ class Fuzzer:
 
         shrink_deadline = min(deadline, time.monotonic() + shrink_budget)
         shrunk = None
+        self.phase = "shrink"
         try:
             if time.monotonic() < shrink_deadline:
                 log.info(
@@ -200,6 +202,8 @@ class Fuzzer:
         except KeyboardInterrupt:
             log.warning("interrupted; writing the finding as it is", id=signature.id)
             self.interrupted = self.stopped = True
+        finally:
+            self.phase = "fuzz"
         self.on_finding(FindingEvent(signature, record, shrunk, new=True))
 
     def shrink(

@@ -1,0 +1,153 @@
+"""Turn the fuzzer's finding events into results directories."""
+
+import json
+from dataclasses import dataclass, field
+
+import structlog
+
+from buildfuzz.case import load_case
+from buildfuzz.client import ClientTools
+from buildfuzz.environment import describe
+from buildfuzz.errors import BuildfuzzError
+from buildfuzz.finding_page import render_finding_readme
+from buildfuzz.fuzzer import FindingEvent
+from buildfuzz.profile import Profile
+from buildfuzz.repro import render_repro
+from buildfuzz.results import (
+    FindingRecord,
+    ResultsStore,
+    json_text,
+    now,
+    write_atomic,
+)
+from buildfuzz.session import Session
+from buildfuzz.strategies import Target
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class WrittenFindings:
+    """Ids of the findings a run wrote or saw again."""
+
+    new: list[str] = field(default_factory=list)
+    known: list[str] = field(default_factory=list)
+
+
+class FindingWriter:
+    """Turn the fuzzer's finding events into results directories."""
+
+    def __init__(
+        self,
+        store: ResultsStore,
+        session: Session,
+        tools: ClientTools,
+        *,
+        profile: Profile,
+        targets: tuple[Target, ...],
+        seed: int,
+        build_timeout: float,
+    ) -> None:
+        self.store = store
+        self.session = session
+        self.tools = tools
+        self.profile = profile
+        self.targets = targets
+        self.seed = seed
+        self.build_timeout = build_timeout
+        self.written = WrittenFindings()
+
+    def write(self, event: FindingEvent) -> None:
+        signature = event.signature
+        if not event.new:
+            known = self.store.seen_again(signature.id)
+            if known is not None:
+                self._refresh_readme(known)
+            if signature.id not in self.written.known + self.written.new:
+                self.written.known.append(signature.id)
+            return
+
+        original = event.original
+        shrunk = event.shrunk
+        best = shrunk.record if shrunk else original
+        engine = self.session.engines[best.case.engine]
+        environment = describe(
+            self.tools.docker(engine.host),
+            engine.info,
+            seed=self.seed,
+            profile=self.profile.name,
+            embedded_buildkit=engine.definition.buildkit,
+        )
+        timestamp = now()
+        record = FindingRecord(
+            id=signature.id,
+            phase=str(signature.phase),
+            message=signature.message,
+            oracle=str(original.evaluation.oracle),
+            builder=best.case.builder,
+            engine=best.case.engine,
+            count=1,
+            first_seen=timestamp,
+            last_seen=timestamp,
+            shrunk=bool(shrunk and shrunk.shrunk),
+            shrink_complete=bool(shrunk and shrunk.complete),
+            shrink_builds=shrunk.builds if shrunk else 0,
+            reproduced=shrunk.reproduced if shrunk else 0,
+            attempts=shrunk.attempts if shrunk else 0,
+            flaky=bool(shrunk and shrunk.flaky),
+            seed=self.seed,
+            profile=self.profile.name,
+            explanation=[
+                {"axis": r.axis, "value": r.value, "status": r.status,
+                 "failing": r.failing, "passing": r.passing}
+                for r in (shrunk.explanation if shrunk else [])
+            ],
+        )  # fmt: skip
+        directory = self.store.write(
+            record,
+            {
+                "case.json": best.case.to_json(),
+                "original.json": original.case.to_json(),
+                "build.log": best.result.log + best.result.load_log,
+                "environment.json": json_text(environment),
+                "repro.sh": render_repro(
+                    best.case, signature, timeout=self.build_timeout
+                ),
+                "README.md": render_finding_readme(
+                    record,
+                    best.case,
+                    profile=self.profile,
+                    targets=self.targets,
+                    environment=environment,
+                    log=best.result.log + best.result.load_log,
+                ),
+            },
+        )
+        self.written.new.append(signature.id)
+        log.info(
+            "finding written",
+            id=signature.id,
+            signature=str(signature),
+            path=str(directory),
+            shrink_builds=record.shrink_builds,
+        )
+
+    def _refresh_readme(self, record: FindingRecord) -> None:
+        """Rewrite a known finding's README.md with its new counts."""
+        directory = self.store.finding_dir(record.id)
+        try:
+            case = load_case(directory / "case.json")
+            environment = json.loads((directory / "environment.json").read_text())
+            log_text = (directory / "build.log").read_text(errors="replace")
+        except (OSError, ValueError, BuildfuzzError) as error:
+            log.warning("cannot refresh finding README", id=record.id, error=str(error))
+            return
+        page = render_finding_readme(
+            record,
+            case,
+            profile=self.profile,
+            targets=self.targets,
+            environment=environment,
+            log=log_text,
+        )
+        write_atomic(directory / "README.md", page)
