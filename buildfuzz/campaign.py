@@ -140,7 +140,13 @@ def prepare(options: RunOptions) -> Prepared:
                 f"defined builders: {known}"
             )
     targets = tuple(
-        Target(engine, builder, definitions.builders[builder].outputs)
+        Target(
+            engine,
+            builder,
+            definitions.builders[builder].outputs,
+            storage_drivers=definitions.engines[engine].storage_drivers,
+            containerd_store=definitions.engines[engine].containerd_store,
+        )
         for engine in profile.engines
         for builder in profile.builders
     )
@@ -241,7 +247,7 @@ def _log_case(record: CaseRecord) -> None:
     log.info(
         "case",
         case_id=record.case.id,
-        engine=record.case.engine,
+        engine=record.case.engine_label,
         builder=record.case.builder,
         verdict=str(evaluation.verdict),
         signature=str(evaluation.signature) if evaluation.signature else None,

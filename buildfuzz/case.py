@@ -57,6 +57,10 @@ class Case:
     dockerignore: tuple[str, ...] | None = None
     dockerfile: tuple[str, ...] = ("FROM scratch",)
     engine: str = "26.1"
+    storage_driver: str = ""  # "" is the engine definition's own driver
+    containerd_store: bool = False
+    data_root_mib: int = 0  # size of a private data-root file system; 0: no limit
+    memory_mib: int = 0  # memory limit of the daemon's cgroup; 0: no limit
     builder: str = "buildx-docker"
     platform: str = ""
     build_args: tuple[tuple[str, str], ...] = ()
@@ -84,6 +88,15 @@ class Case:
         return hashlib.sha256(
             self.to_json().encode("utf-8", "surrogatepass")
         ).hexdigest()[:10]
+
+    @property
+    def engine_label(self) -> str:
+        """The engine and its non-default options, such as ``26.1+vfs``."""
+        options = [self.storage_driver]
+        options.append("containerd" if self.containerd_store else "")
+        options.append(f"disk{self.data_root_mib}m" if self.data_root_mib else "")
+        options.append(f"mem{self.memory_mib}m" if self.memory_mib else "")
+        return "+".join([self.engine, *[o for o in options if o]])
 
     @property
     def dockerfile_text(self) -> str:
@@ -121,6 +134,12 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
             else tuple(_strings(dockerignore, "dockerignore")),
             dockerfile=tuple(_strings(data.get("dockerfile", []), "dockerfile")),
             engine=_string(data.get("engine", Case.engine), "engine"),
+            storage_driver=_string(data.get("storage_driver", ""), "storage_driver"),
+            containerd_store=_boolean(
+                data.get("containerd_store", False), "containerd_store"
+            ),
+            data_root_mib=_integer(data.get("data_root_mib", 0), "data_root_mib"),
+            memory_mib=_integer(data.get("memory_mib", 0), "memory_mib"),
             builder=_string(data.get("builder", Case.builder), "builder"),
             platform=_string(data.get("platform", ""), "platform"),
             build_args=tuple(
@@ -176,6 +195,12 @@ def _string(value: Any, name: str) -> str:
 def _integer(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an integer, not {value!r}")
+    return value
+
+
+def _boolean(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, not {value!r}")
     return value
 
 

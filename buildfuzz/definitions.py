@@ -27,6 +27,8 @@ class EngineDefinition:
     packages: tuple[PackageSet, ...]
     features: tuple[tuple[str, bool], ...] = ()
     buildkit: str = ""
+    storage_drivers: tuple[str, ...] = ("overlay2",)
+    containerd_store: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,12 @@ def _packages(raw: Any) -> tuple[PackageSet, ...]:
 
 def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
     keys = {"description", "storage_driver", "packages", "features", "buildkit"}
+    keys |= {"storage_drivers", "containerd_store"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
     features = raw.get("features", {})
+    default_driver = str(raw.get("storage_driver", "overlay2"))
     if not isinstance(features, dict):
         raise ValueError(f"engine {name!r}: features must be a table")
     return EngineDefinition(
@@ -135,6 +139,10 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
         packages=_packages(raw["packages"]),
         features=tuple((str(k), bool(v)) for k, v in features.items()),
         buildkit=str(raw.get("buildkit", "")),
+        storage_drivers=tuple(
+            _names(raw.get("storage_drivers", [default_driver]), "storage_drivers")
+        ),
+        containerd_store=bool(raw.get("containerd_store", False)),
     )
 
 
@@ -169,3 +177,9 @@ def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
         driver=driver,
         outputs=tuple(outputs),
     )
+
+
+def _names(values: object, key: str) -> list[str]:
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{key} must be a list of names")
+    return list(values)

@@ -5,6 +5,7 @@ under the run directory, with no bridge network and no iptables or
 forwarding changes, so it never touches the host's own Docker set-up.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -17,16 +18,49 @@ from typing import Any
 import docker
 import structlog
 
+from buildfuzz.case import Case
 from buildfuzz.definitions import EngineDefinition
 from buildfuzz.errors import EngineError
+from buildfuzz.limits import MemoryCgroup, mount_small_filesystem
 from buildfuzz.workdir import kill_processes_under, remove_tree
 
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 60.0
-MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+SNAPSHOTTERS = {"overlay2": "overlayfs", "vfs": "native"}
+# sun_path holds 108 bytes on Linux, but containerd refuses paths over 104.
+MAX_SOCKET_PATH = 104
 CLOSED_PROXY = "http://127.0.0.1:9"  # the discard port; nothing listens there
 STOP_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Daemon settings that are axes of a case; each set gets its own daemon."""
+
+    storage_driver: str = ""  # "" is the engine definition's own driver
+    containerd_store: bool = False
+    data_root_mib: int = 0
+    memory_mib: int = 0
+
+    @classmethod
+    def of(cls, case: Case) -> "EngineOptions":
+        return cls(
+            storage_driver=case.storage_driver,
+            containerd_store=case.containerd_store,
+            data_root_mib=case.data_root_mib,
+            memory_mib=case.memory_mib,
+        )
+
+    def label(self, engine: str) -> str:
+        probe = Case(
+            engine=engine,
+            storage_driver=self.storage_driver,
+            containerd_store=self.containerd_store,
+            data_root_mib=self.data_root_mib,
+            memory_mib=self.memory_mib,
+        )
+        return probe.engine_label
 
 
 @dataclass(frozen=True)
@@ -44,10 +78,22 @@ class EngineInfo:
 class SandboxEngine:
     """One dockerd running from an unpacked package tree."""
 
-    def __init__(self, definition: EngineDefinition, tree: Path, run_dir: Path):
+    def __init__(
+        self,
+        definition: EngineDefinition,
+        tree: Path,
+        run_dir: Path,
+        options: EngineOptions | None = None,
+    ):
         self.definition = definition
         self.tree = tree
-        self.directory = run_dir / f"engine-{definition.name}"
+        self.options = options or EngineOptions()
+        self.label = self.options.label(definition.name)
+        # A short name: containerd's debug socket sits four levels below and
+        # unix socket paths are limited to about 104 bytes.
+        digest = hashlib.sha256(self.label.encode()).hexdigest()[:8]
+        self.directory = run_dir / f"e-{digest}"
+        self._cgroup: MemoryCgroup | None = None
         self.socket = self.directory / "docker.sock"
         self.log_path = self.directory / "dockerd.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -74,13 +120,27 @@ class SandboxEngine:
                 "run buildfuzz as root"
             )
 
-        if len(str(self.socket)) > MAX_SOCKET_PATH:
+        deepest = self.directory / "exec" / "containerd" / "containerd-debug.sock"
+        if len(str(deepest)) > MAX_SOCKET_PATH:
             raise EngineError(
-                f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes, "
+                f"socket path {deepest} is longer than {MAX_SOCKET_PATH} bytes, "
                 "the limit of unix sockets; give a shorter --workdir"
             )
         self.directory.mkdir(parents=True)
+        if self.options.data_root_mib:
+            mount_small_filesystem(
+                self.directory / "data-root.img",
+                self.directory / "root",
+                self.options.data_root_mib,
+            )
         command = [str(dockerd), *self._daemon_arguments()]
+        if self.options.memory_mib:
+            self._cgroup = MemoryCgroup(self.directory.name, self.options.memory_mib)
+            self._cgroup.create()
+            # Join the cgroup before exec, so containerd and every shim that
+            # dockerd starts are counted against the limit too.
+            script = 'echo $$ > "$0" && exec "$@"'
+            command = ["/bin/sh", "-c", script, str(self._cgroup.procs_file), *command]
         log_file = self.log_path.open("wb")
         started = time.monotonic()
         self._process = subprocess.Popen(
@@ -98,7 +158,7 @@ class SandboxEngine:
         self.info = self._wait_until_ready()
         log.info(
             "engine started",
-            engine=self.name,
+            engine=self.label,
             version=self.info.version,
             storage_driver=self.info.storage_driver,
             seconds=round(time.monotonic() - started, 1),
@@ -106,10 +166,19 @@ class SandboxEngine:
         return self.info
 
     def _daemon_arguments(self) -> list[str]:
-        config = {"storage-driver": self.definition.storage_driver}
+        driver = self.options.storage_driver or self.definition.storage_driver
+        if self.options.containerd_store:
+            # With the containerd image store, storage-driver names a
+            # containerd snapshotter; "overlay2" would fail with
+            # "snapshotter not loaded: overlay2".
+            driver = SNAPSHOTTERS.get(driver, driver)
+        config: dict[str, Any] = {"storage-driver": driver}
         features = dict(self.definition.features)
+        if self.options.containerd_store:
+            # 26.1 has no --feature flag; the feature goes into daemon.json.
+            features["containerd-snapshotter"] = True
         if features:
-            config["features"] = features  # type: ignore[assignment]
+            config["features"] = features
         config_path = self.directory / "daemon.json"
         config_path.write_text(json.dumps(config, indent=2))
 
@@ -130,8 +199,15 @@ class SandboxEngine:
     def _environment(self) -> dict[str, str]:
         bins = [self.tree / "usr" / "sbin", self.tree / "usr" / "bin"]
         path = ":".join([*map(str, bins), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        libraries = sorted(
+            str(p)
+            for pattern in ("lib/*-linux-gnu", "usr/lib/*-linux-gnu")
+            for p in self.tree.glob(pattern)
+        )
         return {
             "PATH": path,
+            # Libraries unpacked with the engine, such as fuse-overlayfs' libfuse3.
+            "LD_LIBRARY_PATH": ":".join(libraries),
             "HOME": str(self.directory),
             "LANG": "C.UTF-8",
             # Every registry request that is not for a loopback registry goes
@@ -224,7 +300,10 @@ class SandboxEngine:
         self._process = None
         kill_processes_under(self.directory)
         remove_tree(self.directory)
-        log.info("engine stopped", engine=self.name)
+        if self._cgroup is not None:
+            self._cgroup.remove()
+            self._cgroup = None
+        log.info("engine stopped", engine=self.label)
 
     def restart(self) -> EngineInfo:
         """Replace a crashed or stuck daemon with a fresh one."""

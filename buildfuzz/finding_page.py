@@ -15,7 +15,8 @@ LOG_LINES = 25
 def needed_axes(case: Case, default: Case) -> list[tuple[str, str, str]]:
     """Return (axis, value, default) for every axis where the case differs."""
     rows = []
-    for axis in ("engine", "builder", "platform", "output"):
+    axes = ("engine", "storage_driver", "containerd_store", "data_root_mib")
+    for axis in (*axes, "memory_mib", "builder", "platform", "output"):
         value, base = getattr(case, axis), getattr(default, axis)
         if value != base:
             rows.append((axis, str(value) or "(default)", str(base) or "(default)"))

@@ -70,7 +70,7 @@ class FindingWriter:
         original = event.original
         shrunk = event.shrunk
         best = shrunk.record if shrunk else original
-        engine = self.session.engines[best.case.engine]
+        engine = self.session.engine(best.case)
         environment = describe(
             self.tools.docker(engine.host),
             engine.info,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
-from hypothesis import HealthCheck, Verbosity, given, settings
+from hypothesis import HealthCheck, Verbosity, given, reject, settings
 from hypothesis import Phase as HypothesisPhase
 from hypothesis.database import InMemoryExampleDatabase
 from hypothesis.errors import HypothesisException
@@ -26,7 +26,7 @@ from hypothesis.strategies import SearchStrategy
 from buildfuzz.case import Case
 from buildfuzz.minimize import AxisReport, explain, one_minimal
 from buildfuzz.profile import Profile
-from buildfuzz.session import CaseRecord
+from buildfuzz.session import CaseRecord, EngineUnavailable
 from buildfuzz.signature import Signature
 from buildfuzz.strategies import Target
 from buildfuzz.verdict import Verdict
@@ -82,6 +82,7 @@ class Stats:
     expected: int = 0
     findings: int = 0
     shrink_builds: int = 0
+    skipped: int = 0  # cases whose engine could not start
     per_target: dict[str, int] = field(default_factory=dict)
     per_verdict_target: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -94,7 +95,7 @@ class Stats:
             self.expected += 1
         else:
             self.findings += 1
-        target = f"{record.case.engine}/{record.case.builder}"
+        target = f"{record.case.engine_label}/{record.case.builder}"
         self.per_target[target] = self.per_target.get(target, 0) + 1
         by_verdict = self.per_verdict_target.setdefault(target, {})
         by_verdict[verdict] = by_verdict.get(verdict, 0) + 1
@@ -151,7 +152,11 @@ class Fuzzer:
         @_settings(None)
         @given(self.strategy)
         def generate(case: Case) -> None:
-            captured.append(self.execute(case))
+            try:
+                captured.append(self.execute(case))
+            except EngineUnavailable:
+                self.stats.skipped += 1
+                reject()  # an invalid input, as far as Hypothesis is concerned
 
         return generate.hypothesis.fuzz_one_input  # type: ignore[attr-defined]
 
@@ -235,7 +240,10 @@ class Fuzzer:
                 return
             else:
                 builds += 1
-                record = self.execute(case)
+                try:
+                    record = self.execute(case)
+                except EngineUnavailable:
+                    reject()
                 # A rule-explained failure with the same text is not the
                 # finding; shrinking must not drift into it.
                 matched = self._is_target(record, signature)
@@ -295,7 +303,10 @@ class Fuzzer:
         records: dict[str, CaseRecord] = {}
 
         def reproduces(case: Case) -> bool:
-            record = self.execute(case)
+            try:
+                record = self.execute(case)
+            except EngineUnavailable:
+                return False
             self.stats.shrink_builds += 1
             if self._is_target(record, signature):
                 records[case.to_json()] = record
@@ -332,7 +343,10 @@ class Fuzzer:
     def confirm(self, shrunk: ShrinkResult, signature: Signature) -> None:
         """Re-run the shrunk case to measure how often it reproduces."""
         for _ in range(CONFIRM_RUNS):
-            record = self.execute(shrunk.case)
+            try:
+                record = self.execute(shrunk.case)
+            except EngineUnavailable:
+                break
             shrunk.attempts += 1
             if self._is_target(record, signature):
                 shrunk.reproduced += 1

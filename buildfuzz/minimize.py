@@ -22,6 +22,7 @@ from buildfuzz.strategies import BASE_IMAGES, NATIVE_PLATFORMS, Target
 log = structlog.get_logger(__name__)
 
 Reproduces = Callable[[Case], bool]
+ENGINE_OPTIONS = ("storage_driver", "containerd_store", "data_root_mib", "memory_mib")
 
 
 @dataclass
@@ -59,11 +60,25 @@ def default_case(profile: Profile, targets: tuple[Target, ...]) -> Case:
         dockerignore=None,
         dockerfile=(f"FROM {base}",),
         engine=targets[0].engine,
+        storage_driver=profile.engine.storage_drivers[0],
+        containerd_store=profile.engine.containerd_store[0],
+        data_root_mib=profile.engine.data_root_mib[0],
+        memory_mib=profile.engine.memory_mib[0],
         builder=targets[0].builder,
         platform=profile.build.platforms[0],
         build_args=(),
         output=profile.build.outputs[0],
     )
+
+
+def fits(case: Case, target: Target) -> bool:
+    """Return whether ``target`` supports the case's output and engine options."""
+    if case.output not in target.outputs:
+        return False
+    if case.containerd_store and not target.containerd_store:
+        return False
+    driver = case.storage_driver
+    return not driver or driver in target.storage_drivers
 
 
 def default_file(profile: Profile, entry: ContextFile) -> ContextFile:
@@ -96,7 +111,7 @@ def simplifications(
         )
     if case.dockerfile[0] != default.dockerfile[0]:
         yield replace(case, dockerfile=default.dockerfile[:1] + case.dockerfile[1:])
-    for name in ("platform", "output", "build_args"):
+    for name in ENGINE_OPTIONS + ("platform", "output", "build_args"):
         if getattr(case, name) != getattr(default, name):
             yield replace(case, **{name: getattr(default, name)})
     for index in range(len(case.build_args)):
@@ -105,8 +120,9 @@ def simplifications(
         )
     for target in targets[:1]:
         if (case.engine, case.builder) != (target.engine, target.builder):
-            if case.output in target.outputs:
-                yield replace(case, engine=target.engine, builder=target.builder)
+            moved = replace(case, engine=target.engine, builder=target.builder)
+            if fits(moved, target):
+                yield moved
     for index, entry in enumerate(case.files):
         simple = default_file(profile, entry)
         for name in ("size", "mode", "uid", "gid", "mtime_ns", "seed"):
@@ -193,12 +209,8 @@ def _axis_variants(
     others = [
         t for t in targets if (t.engine, t.builder) != (case.engine, case.builder)
     ]
-    builders = [
-        t for t in others if t.engine == case.engine and case.output in t.outputs
-    ]
-    engines = [
-        t for t in others if t.builder == case.builder and case.output in t.outputs
-    ]
+    builders = [t for t in others if t.engine == case.engine and fits(case, t)]
+    engines = [t for t in others if t.builder == case.builder and fits(case, t)]
     yield (
         AxisReport("builder", case.builder),
         [(t.builder, replace(case, builder=t.builder)) for t in builders[:2]],

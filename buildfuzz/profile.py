@@ -46,6 +46,14 @@ class ContextAxes:
 
 
 @dataclass(frozen=True)
+class EngineAxes:
+    storage_drivers: tuple[str, ...] = ("",)
+    containerd_store: tuple[bool, ...] = (False,)
+    data_root_mib: tuple[int, ...] = (0,)
+    memory_mib: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
 class DockerfileAxes:
     bases: tuple[str, ...] = ("scratch",)
     instructions: tuple[str, ...] = ("copy-all",)
@@ -67,6 +75,7 @@ class Profile:
     rules: str
     engines: tuple[str, ...]
     builders: tuple[str, ...]
+    engine: EngineAxes
     context: ContextAxes
     dockerfile: DockerfileAxes
     build: BuildAxes
@@ -104,10 +113,11 @@ def load_profile(name: str) -> Profile:
 
 
 def _profile_from_dict(path: Path, data: dict[str, Any]) -> Profile:
-    allowed = {"description", "rules", "engines", "builders", "context"}
+    allowed = {"description", "rules", "engines", "builders", "context", "engine"}
     allowed |= {"dockerfile", "build"}
     _reject_unknown(data, allowed, "top level")
 
+    engine = _section(data, "engine", EngineAxes)
     context = _section(data, "context", ContextAxes)
     dockerfile = _section(data, "dockerfile", DockerfileAxes)
     build = _section(data, "build", BuildAxes)
@@ -123,6 +133,7 @@ def _profile_from_dict(path: Path, data: dict[str, Any]) -> Profile:
         rules=str(data.get("rules", "expected")),
         engines=engines,
         builders=builders,
+        engine=engine,
         context=context,
         dockerfile=dockerfile,
         build=build,
@@ -162,6 +173,15 @@ def _convert(label: str, key: str, raw: Any) -> Any:
                 raise ValueError(f"{label} entries must be [name, value] pairs")
             pairs.append((str(pair[0]), str(pair[1])))
         return tuple(pairs)
+    if key == "containerd_store":
+        if not all(isinstance(value, bool) for value in raw):
+            raise ValueError(f"{label} must be a list of true and false")
+        return tuple(raw)
+    if key in ("data_root_mib", "memory_mib"):
+        values = tuple(_integer(value, label) for value in raw)
+        if any(value < 0 or 0 < value < 64 for value in values):
+            raise ValueError(f"{label}: use 0 (no limit) or at least 64 MiB")
+        return values
     if key in ("sizes", "modes", "dir_modes", "owners", "mtimes_ns"):
         return tuple(_integer(value, label) for value in raw)
     if key == "names":

@@ -12,12 +12,12 @@ import structlog
 from buildfuzz.case import Case, load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
-from buildfuzz.errors import DataFileError, SetupError, UsageError
+from buildfuzz.errors import DataFileError, EngineError, SetupError, UsageError
 from buildfuzz.install import CLIENT_TREE, ensure_installed
 from buildfuzz.packages import tree_path
 from buildfuzz.results import ResultsStore
 from buildfuzz.rules import load_rules
-from buildfuzz.session import Session
+from buildfuzz.session import EngineUnavailable, Session
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.workdir import DEFAULT_BASE, create_run_dir, remove_tree
 
@@ -125,7 +125,13 @@ class Replayer:
         assert self._session is not None, "use Replayer as a context manager"
         report = ReplayReport(name=name, expected=expected, runs=runs)
         for attempt in range(1, runs + 1):
-            record = self._session.execute(case)
+            try:
+                record = self._session.execute(case)
+            except EngineUnavailable as error:
+                raise EngineError(
+                    f"the case's engine {error.label} cannot start here: "
+                    f"{error.reason.splitlines()[-1]}"
+                ) from None
             signature = record.evaluation.signature
             report.signatures.append(str(signature) if signature else "pass")
             matched = signature is not None and (

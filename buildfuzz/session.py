@@ -10,19 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+from python_on_whales import DockerException
 
 from buildfuzz.baseimage import import_busybox
 from buildfuzz.build import BuildResult, CaseRunner
 from buildfuzz.case import Case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions
-from buildfuzz.engine import EngineInfo, SandboxEngine
+from buildfuzz.engine import EngineOptions, SandboxEngine
+from buildfuzz.errors import EngineError
 from buildfuzz.install import busybox_binary, engine_tree_name
 from buildfuzz.packages import tree_path
 from buildfuzz.rules import Rule
 from buildfuzz.verdict import Evaluation, judge
 
 log = structlog.get_logger(__name__)
+
+MAX_ENGINES = 10  # daemons at once (each with its containerd: an estimated 100 MB)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,15 @@ class CaseRecord:
     case: Case
     result: BuildResult
     evaluation: Evaluation
+
+
+class EngineUnavailable(Exception):
+    """The engine a case needs could not be started in this run."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(f"engine {label} is unavailable: {reason}")
+        self.label = label
+        self.reason = reason
 
 
 class Session:
@@ -56,29 +69,50 @@ class Session:
         self.strict = strict
         self.on_case = on_case
         self.engines: dict[str, SandboxEngine] = {}
+        # Engine labels that failed to start, with the error; never retried.
+        self.unusable: dict[str, str] = {}
         self._runners: dict[str, CaseRunner] = {}
 
-    def engine(self, name: str) -> SandboxEngine:
-        """Return the running engine ``name``, starting it on first use."""
-        engine = self.engines.get(name)
+    def engine(self, case: Case) -> SandboxEngine:
+        """Return the engine that ``case`` needs, starting it on first use.
+
+        Each set of daemon options gets its own daemon. At most
+        ``MAX_ENGINES`` run at once; the least recently used one stops first.
+        """
+        label = case.engine_label
+        if label in self.unusable:
+            raise EngineUnavailable(label, self.unusable[label])
+        engine = self.engines.pop(label, None)
         if engine is None:
+            while len(self.engines) >= MAX_ENGINES:
+                oldest = next(iter(self.engines))
+                self.engines.pop(oldest).stop()
+                self._runners.pop(oldest, None)
             engine = SandboxEngine(
-                self.definitions.engines[name],
-                tree_path(engine_tree_name(name)),
+                self.definitions.engines[case.engine],
+                tree_path(engine_tree_name(case.engine)),
                 self.run_dir,
+                EngineOptions.of(case),
             )
-            self.engines[name] = engine
             self._start(engine)
+        self.engines[label] = engine  # re-inserted: most recently used last
         return engine
 
-    def engine_info(self, name: str) -> EngineInfo | None:
-        return self.engine(name).info
-
     def _start(self, engine: SandboxEngine) -> None:
-        engine.start()
         docker = self.tools.docker(engine.host)
-        import_busybox(docker, Path(busybox_binary()), engine.directory)
-        self._runners[engine.name] = CaseRunner(
+        try:
+            engine.start()
+            import_busybox(docker, Path(busybox_binary()), engine.directory)
+        except (EngineError, DockerException) as error:
+            engine.stop()
+            self.unusable[engine.label] = str(error)
+            log.warning(
+                "engine cannot run cases; skipping its cases",
+                engine=engine.label,
+                error=str(error).splitlines()[-1][:300],
+            )
+            raise EngineUnavailable(engine.label, str(error)) from None
+        self._runners[engine.label] = CaseRunner(
             docker,
             self.definitions.builders,
             engine.directory / "cases",
@@ -87,14 +121,14 @@ class Session:
 
     def execute(self, case: Case) -> CaseRecord:
         """Build ``case`` and judge it; restart its engine if the build killed it."""
-        engine = self.engine(case.engine)
-        result = self._runners[engine.name].run(case)
+        engine = self.engine(case)
+        result = self._runners[engine.label].run(case)
 
         tail = ""
         if not result.succeeded and not engine.is_healthy():
             result.engine_alive = False
             tail = engine.log_tail(20)
-            log.warning("engine died during a case; restarting it", engine=engine.name)
+            log.warning("engine died during a case; restarting it", engine=engine.label)
             engine.stop()
             self._start(engine)
 

@@ -20,6 +20,8 @@ RESERVED_NAMES = frozenset({"Dockerfile", ".dockerignore"})
 # in a registry, it asks 127.0.0.1, never a public host.
 BUSYBOX_IMAGE = "localhost/buildfuzz/busybox:1"
 NATIVE_PLATFORMS = ("", "linux/amd64")
+# Storage drivers that have a containerd snapshotter built into containerd.
+CONTAINERD_DRIVERS = ("overlay2", "vfs")
 BASE_IMAGES = {"scratch": "scratch", "busybox": BUSYBOX_IMAGE}
 SHELL_INSTRUCTIONS = frozenset({"run"})
 
@@ -31,6 +33,8 @@ class Target:
     engine: str
     builder: str
     outputs: tuple[Output, ...] = (Output.LOAD,)
+    storage_drivers: tuple[str, ...] = ("overlay2",)
+    containerd_store: bool = False
 
 
 def cases(profile: Profile, targets: Sequence[Target]) -> st.SearchStrategy[Case]:
@@ -45,6 +49,7 @@ def _case_strategy(
     draw: st.DrawFn, profile: Profile, targets: tuple[Target, ...]
 ) -> Case:
     target = draw(st.sampled_from(targets))
+    engine_options = draw(engine_settings(profile, target))
     files = draw(context_files(profile))
     dockerignore = draw(dockerignore_patterns(profile))
     dockerfile = draw(dockerfiles(profile, files))
@@ -66,11 +71,33 @@ def _case_strategy(
         dockerignore=dockerignore,
         dockerfile=dockerfile,
         engine=target.engine,
+        **engine_options,
         builder=target.builder,
         platform=platform,
         build_args=build_args,
         output=output,
     )
+
+
+@st.composite
+def engine_settings(draw: st.DrawFn, profile: Profile, target: Target) -> dict:
+    """Draw the daemon options; options the engine lacks are never drawn."""
+    axes = profile.engine
+    stores = [s for s in axes.containerd_store if not s or target.containerd_store]
+    containerd_store = draw(st.sampled_from(stores or [False]))
+    # "" is the engine's own default driver; other drivers need support, and
+    # the containerd image store has snapshotters for overlay2 and vfs only.
+    drivers = [
+        d for d in axes.storage_drivers
+        if not d or (d in target.storage_drivers
+                     and (not containerd_store or d in CONTAINERD_DRIVERS))
+    ]  # fmt: skip
+    return {
+        "storage_driver": draw(st.sampled_from(drivers or [""])),
+        "containerd_store": containerd_store,
+        "data_root_mib": draw(st.sampled_from(axes.data_root_mib)),
+        "memory_mib": draw(st.sampled_from(axes.memory_mib)),
+    }
 
 
 @st.composite

@@ -213,7 +213,7 @@ def test_interrupt_stops_engines_and_cleans_up() -> None:
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not list(workdir.glob("run-*/engine-*")):
+    while time.monotonic() < deadline and not list(workdir.glob("run-*/e-*")):
         time.sleep(0.2)
     time.sleep(3)  # some builds run
 
