@@ -21,9 +21,14 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: apt tools and keyring to fetch the engines, Python to
-# run buildfuzz, and the libraries that the engines' binaries link to.
+# run buildfuzz, the libraries that the engines' binaries link to, and
+# e2fsprogs for the small data-root file systems of engine limits. The test
+# suite also opens the HTML report in Chromium.
 debian_packages=(apt dpkg debian-archive-keyring python3 python3-venv
-  libseccomp2 libsystemd0 libcap2 util-linux coreutils)
+  libseccomp2 libsystemd0 libcap2 util-linux coreutils e2fsprogs)
+if [ "${1:-}" = test ]; then
+  debian_packages+=(chromium)
+fi
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

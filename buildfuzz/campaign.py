@@ -18,7 +18,7 @@ from buildfuzz.errors import (
     UsageError,
 )
 from buildfuzz.finding_writer import FindingWriter, WrittenFindings
-from buildfuzz.fuzzer import Fuzzer, Stats
+from buildfuzz.fuzzer import Fuzzer, Shard, Stats
 from buildfuzz.install import CLIENT_TREE, ensure_installed, missing_trees
 from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile, load_profile
@@ -45,6 +45,7 @@ class RunOptions:
     strict: bool = False
     offline: bool = False
     workdir: Path = DEFAULT_BASE
+    shard: Shard = Shard(1, 1)
 
 
 @dataclass
@@ -220,7 +221,7 @@ def run_campaign(options: RunOptions) -> RunSummary:
         )
         summary.stats = fuzzer.stats
         shrink_budget = options.shrink_budget or max(60.0, options.budget * 0.25)
-        fuzzer.run(started + options.budget, shrink_budget)
+        fuzzer.run(started + options.budget, shrink_budget, options.shard)
         summary.interrupted = fuzzer.interrupted
     except KeyboardInterrupt:
         summary.interrupted = True

@@ -15,6 +15,8 @@ import typer
 from buildfuzz import __version__, logs
 from buildfuzz.budget import format_duration, parse_duration
 from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, UsageError
+from buildfuzz.report_cli import report
+from buildfuzz.shard import Shard
 from buildfuzz.workdir import DEFAULT_BASE
 
 app = typer.Typer(
@@ -80,6 +82,13 @@ def run(
     offline: Annotated[
         bool, typer.Option(help="Do not download missing engine packages.")
     ] = False,
+    shard: Annotated[
+        str,
+        typer.Option(
+            help="Run shard K of N (K/N): with the same --seed, N shards run "
+            "disjoint cases that together make up the unsharded run."
+        ),
+    ] = "1/1",
     log_format: LogFormat = "console",
     workdir: Workdir = DEFAULT_BASE,
 ) -> None:
@@ -102,6 +111,7 @@ def run(
             strict=strict,
             offline=offline,
             workdir=workdir,
+            shard=Shard.parse(shard),
         )
         summary = run_campaign(options)
     except BuildfuzzError as error:
@@ -124,6 +134,7 @@ def run(
         f"  findings           {summary.distinct_findings} distinct"
         f" ({len(summary.new_findings)} new, {len(summary.known_findings)} known)",
         f"  shrink builds      {stats.shrink_builds}",
+        f"  skipped            {stats.skipped} (their engine could not start)",
         f"  builds per minute  {summary.builds_per_minute:.1f}",
     ]
     for target, count in sorted(stats.per_target.items()):
@@ -277,10 +288,71 @@ def setup(
     typer.echo(f"ready: client, busybox base, engines {', '.join(names)}")
 
 
+builders_app = typer.Typer(help="Engines and builders buildfuzz can run.")
+app.add_typer(builders_app, name="builders")
+
+
+@builders_app.command("list")
+def builders_list() -> None:
+    """Print every defined engine and builder, and whether it is usable here."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from buildfuzz.definitions import load_definitions
+    from buildfuzz.inventory import all_entries
+
+    try:
+        entries = all_entries(load_definitions())
+    except BuildfuzzError as error:
+        _fail(error)
+    table = Table("kind", "name", "version", "usable", "why not")
+    for entry in entries:
+        table.add_row(
+            entry.kind,
+            entry.name,
+            entry.version,
+            "yes" if entry.usable else "no",
+            entry.reason,
+        )
+    Console(width=200).print(table)
+
+
+@app.command()
+def doctor(
+    profile: Annotated[
+        str, typer.Option(help="Profile whose needs are checked.")
+    ] = "default",
+) -> None:
+    """Check this machine; exit 0 when the profile can run, 1 when not."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from buildfuzz.definitions import load_definitions
+    from buildfuzz.doctor import default_profile_ready, run_checks
+    from buildfuzz.profile import load_profile
+
+    try:
+        checks = run_checks(load_definitions(), load_profile(profile))
+    except BuildfuzzError as error:
+        _fail(error)
+    table = Table("check", "status", "found", "fix")
+    for check in checks:
+        table.add_row(
+            check.name, check.status, check.detail, "" if check.ok else check.fix
+        )
+    Console(width=200).print(table)
+    ready = default_profile_ready(checks)
+    typer.echo(f"profile {profile}: {'ready' if ready else 'NOT ready'}")
+    raise typer.Exit(0 if ready else 1)
+
+
 @app.command()
 def version() -> None:
     """Print the buildfuzz version."""
     typer.echo(__version__)
+
+
+app.command()(report)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from buildfuzz.case import Case
 from buildfuzz.minimize import AxisReport, explain, one_minimal
 from buildfuzz.profile import Profile
 from buildfuzz.session import CaseRecord, EngineUnavailable
+from buildfuzz.shard import Shard
 from buildfuzz.signature import Signature
 from buildfuzz.strategies import Target
 from buildfuzz.verdict import Verdict
@@ -164,11 +165,25 @@ class Fuzzer:
         """Return the input bytes of case ``index``: a pure function of the seed."""
         return random.Random(f"{self.seed}:{index}").randbytes(BUFFER_SIZE)
 
-    def run(self, deadline: float, shrink_budget: float) -> Stats:
-        index = 0
+    def run(
+        self,
+        deadline: float,
+        shrink_budget: float,
+        shard: Shard | None = None,
+        *,
+        stop_index: int | None = None,
+    ) -> Stats:
+        """Run cases until ``deadline``; a shard runs only its share of them.
+
+        ``stop_index`` ends the run before the input of that index instead.
+        """
+        shard = shard or Shard(1, 1)
+        index = shard.index - 1
         while not self.stopped and time.monotonic() < deadline:
+            if stop_index is not None and index >= stop_index:
+                break
             buffer = self.buffer(index)
-            index += 1
+            index += shard.count
             self._captured.clear()
             self._generate(buffer)
             if not self._captured:

@@ -8,12 +8,16 @@ checked quickly and exactly.
 import time
 from collections.abc import Callable
 
+import pytest
+
 from buildfuzz.build import BuildResult
 from buildfuzz.case import Case, FileKind, Output
+from buildfuzz.errors import UsageError
 from buildfuzz.fuzzer import FindingEvent, Fuzzer
 from buildfuzz.minimize import default_case
 from buildfuzz.profile import load_profile
 from buildfuzz.session import CaseRecord
+from buildfuzz.shard import Shard
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import Target, cases
 from buildfuzz.verdict import Evaluation, Oracle, Verdict
@@ -142,3 +146,41 @@ def test_seed_gives_same_case_sequence() -> None:
     length = min(map(len, sequences))
     assert length > 20
     assert sequences[0][:length] == sequences[1][:length]
+
+
+def case_ids(shard: Shard, stop_index: int) -> list[str]:
+    seen: list[str] = []
+
+    def record(case: Case) -> CaseRecord:
+        seen.append(case.id)
+        return fake_builder(lambda _: False)(case)
+
+    fuzzer = Fuzzer(
+        cases(PROFILE, TARGETS),
+        record,
+        profile=PROFILE,
+        targets=TARGETS,
+        seed=42,
+        known=lambda _: False,
+        on_finding=lambda _: None,
+    )
+    fuzzer.run(time.monotonic() + 60, 1, shard, stop_index=stop_index)
+    return seen
+
+
+def test_shards_split_campaign_disjointly() -> None:
+    whole = case_ids(Shard(1, 1), 90)
+    shards = [case_ids(Shard(k, 3), 90) for k in (1, 2, 3)]
+    merged = [case for shard in shards for case in shard]
+
+    assert len(whole) > 60
+    assert sorted(merged) == sorted(whole)
+    assert len(set(shards[0]) & set(shards[1])) == 0
+    assert len(set(shards[1]) & set(shards[2])) == 0
+    assert len(set(shards[0]) & set(shards[2])) == 0
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "1", "a/b", "1/0", ""])
+def test_shard_rejects_bad_value(text: str) -> None:
+    with pytest.raises(UsageError, match="--shard"):
+        Shard.parse(text)

@@ -1,0 +1,83 @@
+"""``buildfuzz builders list``: every defined engine and builder, and whether
+it can run on this machine."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from buildfuzz.definitions import BuilderDefinition, Definitions, EngineDefinition
+from buildfuzz.doctor import overlay_supported, version_of
+from buildfuzz.install import CLIENT_TREE, engine_tree_name, missing_trees
+from buildfuzz.packages import tree_path
+
+
+@dataclass(frozen=True)
+class Entry:
+    kind: str  # "engine", "engine option" or "builder"
+    name: str
+    version: str
+    usable: bool
+    reason: str = ""
+
+
+def engine_entries(definitions: Definitions) -> list[Entry]:
+    entries = []
+    for engine in definitions.engines.values():
+        missing = missing_trees(definitions, [engine.name])
+        dockerd = tree_path(engine_tree_name(engine.name)) / "usr/sbin/dockerd"
+        printed = version_of([str(dockerd), "--version"]) if not missing else None
+        runs = printed is not None
+        reason = "" if runs else "not downloaded: run `buildfuzz setup`"
+        # "Docker version 26.1.5+dfsg1, build 411e817"
+        version = printed.split(" ")[2].rstrip(",") if printed else "?"
+        entries.append(Entry("engine", engine.name, version, runs, reason))
+        entries += _option_entries(engine, runs)
+    return entries
+
+
+def _option_entries(engine: EngineDefinition, engine_runs: bool) -> list[Entry]:
+    entries = []
+    tree = tree_path(engine_tree_name(engine.name))
+    for driver in engine.storage_drivers:
+        usable, reason = engine_runs, "" if engine_runs else "engine not usable"
+        if usable and driver == "overlay2" and not overlay_supported():
+            usable, reason = False, "the kernel has no overlay file system"
+        if usable and driver == "fuse-overlayfs":
+            if not Path("/dev/fuse").exists():
+                usable, reason = False, "/dev/fuse is missing (modprobe fuse)"
+            elif not (tree / "usr/bin/fuse-overlayfs").exists():
+                usable, reason = False, "fuse-overlayfs is not in the engine's packages"
+        entries.append(
+            Entry(
+                "engine option", f"{engine.name} storage {driver}", "", usable, reason
+            )
+        )
+    if engine.containerd_store:
+        entries.append(
+            Entry(
+                "engine option",
+                f"{engine.name} containerd image store",
+                "",
+                engine_runs,
+                "" if engine_runs else "engine not usable",
+            )
+        )
+    return entries
+
+
+def builder_entries(definitions: Definitions) -> list[Entry]:
+    buildx = tree_path(CLIENT_TREE) / "usr/libexec/docker/cli-plugins/docker-buildx"
+    buildx_version = version_of([str(buildx), "version"]) if buildx.exists() else None
+    return [_builder_entry(b, buildx_version) for b in definitions.builders.values()]
+
+
+def _builder_entry(builder: BuilderDefinition, buildx_version: str | None) -> Entry:
+    if builder.classic:
+        return Entry("builder", builder.name, "engine's own", True)
+    version = (buildx_version or "").split(" ")[1] if buildx_version else "?"
+    if buildx_version is None:
+        return Entry("builder", builder.name, "?", False, "buildx not downloaded")
+    return Entry("builder", builder.name, f"buildx {version}", True)
+
+
+def all_entries(definitions: Definitions) -> list[Entry]:
+    return engine_entries(definitions) + builder_entries(definitions)
