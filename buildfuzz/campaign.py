@@ -13,6 +13,7 @@ from buildfuzz.definitions import Definitions, load_definitions
 from buildfuzz.errors import (
     EXIT_FINDINGS,
     EXIT_INTERRUPTED,
+    EXIT_KNOWN_FINDINGS,
     EXIT_OK,
     SetupError,
     UsageError,
@@ -22,6 +23,8 @@ from buildfuzz.fuzzer import Fuzzer, Shard, Stats
 from buildfuzz.install import CLIENT_TREE, ensure_installed, missing_trees
 from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile, load_profile
+from buildfuzz.regression import check_known_findings
+from buildfuzz.replay import ReplayReport, Status
 from buildfuzz.results import (
     ResultsStore,
 )
@@ -44,6 +47,7 @@ class RunOptions:
     shrink_budget: float | None
     strict: bool = False
     offline: bool = False
+    ci: bool = False
     workdir: Path = DEFAULT_BASE
     shard: Shard = Shard(1, 1)
 
@@ -58,6 +62,8 @@ class RunSummary:
     written: WrittenFindings = field(default_factory=WrittenFindings)
     interrupted: bool = False
     results: Path = Path("results")
+    ci: bool = False
+    regressions: list[ReplayReport] = field(default_factory=list)
 
     @property
     def new_findings(self) -> list[str]:
@@ -93,13 +99,28 @@ class RunSummary:
             "per_target": self.stats.per_verdict_target,
             "new_findings": self.new_findings,
             "known_findings": self.known_findings,
+            "regressions": {r.name: str(r.status) for r in self.regressions},
         }
 
     @property
+    def changed_regressions(self) -> list[ReplayReport]:
+        return [r for r in self.regressions if r.status is Status.CHANGED]
+
+    @property
     def exit_code(self) -> int:
+        """0 no findings, 1 findings (in CI mode: new ones), 3 known only."""
         if self.interrupted:
             return EXIT_INTERRUPTED
-        return EXIT_FINDINGS if self.distinct_findings else EXIT_OK
+        if not self.ci:
+            return EXIT_FINDINGS if self.distinct_findings else EXIT_OK
+        if self.new_findings or self.changed_regressions:
+            return EXIT_FINDINGS
+        still_failing = [
+            r for r in self.regressions if r.status is Status.STILL_FAILING
+        ]
+        if self.known_findings or still_failing:
+            return EXIT_KNOWN_FINDINGS
+        return EXIT_OK
 
 
 @dataclass(frozen=True)
@@ -178,6 +199,7 @@ def run_campaign(options: RunOptions) -> RunSummary:
         elapsed=0.0,
         stats=Stats(),
         results=options.results,
+        ci=options.ci,
     )
     session: Session | None = None
     fuzzer: Fuzzer | None = None
@@ -210,6 +232,8 @@ def run_campaign(options: RunOptions) -> RunSummary:
             build_timeout=options.build_timeout,
         )
         summary.written = writer.written
+        if options.ci:
+            summary.regressions = check_known_findings(store, session)
         fuzzer = Fuzzer(
             cases(prepared.profile, prepared.targets),
             session.execute,

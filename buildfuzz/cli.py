@@ -15,7 +15,7 @@ import typer
 from buildfuzz import __version__, logs
 from buildfuzz.budget import format_duration, parse_duration
 from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, UsageError
-from buildfuzz.report_cli import report
+from buildfuzz.report_cli import report as report_command
 from buildfuzz.shard import Shard
 from buildfuzz.workdir import DEFAULT_BASE
 
@@ -89,11 +89,33 @@ def run(
             "disjoint cases that together make up the unsharded run."
         ),
     ] = "1/1",
+    ci: Annotated[
+        bool,
+        typer.Option(
+            "--ci",
+            help="Replay every known finding first, then fuzz. Exit 0: no "
+            "findings; 1: new findings or changed signatures; 3: known only.",
+        ),
+    ] = False,
+    junit: Annotated[
+        Path | None, typer.Option(help="Write a JUnit XML report here at the end.")
+    ] = None,
+    markdown: Annotated[
+        Path | None, typer.Option(help="Write a Markdown summary here at the end.")
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option(help="Write the HTML report here at the end.")
+    ] = None,
     log_format: LogFormat = "console",
     workdir: Workdir = DEFAULT_BASE,
 ) -> None:
-    """Fuzz builds for a time budget and write each distinct finding."""
+    """Fuzz builds for a time budget and write each distinct finding.
+
+    Exit codes: 0 no findings, 1 findings, 2 usage or environment error,
+    3 (with --ci) only findings that were already known, 130 interrupted.
+    """
     from buildfuzz.campaign import RunOptions, run_campaign
+    from buildfuzz.report import write_reports
 
     _configure(log_format)
     try:
@@ -112,8 +134,19 @@ def run(
             offline=offline,
             workdir=workdir,
             shard=Shard.parse(shard),
+            ci=ci,
         )
         summary = run_campaign(options)
+        if junit or markdown or html:
+            written = write_reports(
+                results,
+                junit=junit,
+                markdown=markdown,
+                html=html,
+                replays=summary.regressions,
+            )
+            for path in written:
+                typer.echo(f"report written: {path}", err=True)
     except BuildfuzzError as error:
         _fail(error)
     except KeyboardInterrupt:
@@ -139,6 +172,8 @@ def run(
     ]
     for target, count in sorted(stats.per_target.items()):
         lines.append(f"  cases on {target:<20} {count}")
+    for check in summary.regressions:
+        lines.append(f"  regression         {check.name}: {check.status}")
     for finding_id in summary.new_findings + summary.known_findings:
         lines.append(f"  finding            {summary.results / finding_id}")
     typer.echo("\n".join(lines))
@@ -352,7 +387,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-app.command()(report)
+app.command("report")(report_command)
 
 
 def main() -> None:

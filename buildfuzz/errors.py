@@ -18,6 +18,7 @@ from pathlib import Path
 EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_USAGE = 2
+EXIT_KNOWN_FINDINGS = 3  # CI mode: only findings that were already known
 EXIT_INTERRUPTED = 130
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from hypothesis import settings
 
 from buildfuzz.build import BuildResult
 from buildfuzz.case import Case, FileKind, Output
@@ -184,3 +185,15 @@ def test_shards_split_campaign_disjointly() -> None:
 def test_shard_rejects_bad_value(text: str) -> None:
     with pytest.raises(UsageError, match="--shard"):
         Shard.parse(text)
+
+
+def test_hypothesis_ci_profile_changes_nothing() -> None:
+    """Hypothesis loads a derandomized "ci" profile when CI is set; no effect here."""
+    default = case_ids(Shard(1, 1), 40)
+    settings.load_profile("ci")
+    try:
+        under_ci = case_ids(Shard(1, 1), 40)
+    finally:
+        settings.load_profile("default")
+
+    assert under_ci == default

@@ -229,3 +229,28 @@ def test_interrupt_stops_engines_and_cleans_up() -> None:
     )
     with open("/proc/self/mountinfo") as stream:
         assert str(workdir) not in stream.read()
+
+
+def test_ci_mode_reports_known_findings(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    arguments = [
+        "run", "--ci", "--budget", "25s", "--seed", "7",
+        "--profile", str(PROFILES / "finding.toml"),
+        "--results", str(results),
+    ]  # fmt: skip
+
+    first = buildfuzz(*arguments, "--workdir", tempfile_dir(), cwd=REPO)
+    second = buildfuzz(
+        *arguments, "--workdir", tempfile_dir(),
+        "--junit", str(tmp_path / "junit.xml"),
+        "--markdown", str(tmp_path / "summary.md"),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert first.returncode == 1, first.stderr[-2000:]
+    assert "(2 new, 0 known)" in first.stdout
+    assert second.returncode == 3, second.stderr[-2000:]
+    assert second.stdout.count("still failing") == 2
+    assert "(0 new, 2 known)" in second.stdout
+    assert (tmp_path / "junit.xml").exists()
+    assert "still failing" in (tmp_path / "summary.md").read_text()
