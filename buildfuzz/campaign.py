@@ -23,6 +23,7 @@ from buildfuzz.fuzzer import Fuzzer, Shard, Stats
 from buildfuzz.install import CLIENT_TREE, ensure_installed, missing_trees
 from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile, load_profile
+from buildfuzz.progress import Progress
 from buildfuzz.regression import check_known_findings
 from buildfuzz.replay import ReplayReport, Status
 from buildfuzz.results import (
@@ -204,9 +205,13 @@ def run_campaign(options: RunOptions) -> RunSummary:
     session: Session | None = None
     fuzzer: Fuzzer | None = None
 
+    progress = Progress(options.budget)
+
     def on_case(record: CaseRecord) -> None:
         _log_case(record)
         run_log.record(record, phase=fuzzer.phase if fuzzer else "fuzz")
+        target = f"{record.case.engine_label}/{record.case.builder}"
+        progress.update(summary.stats, target, summary.distinct_findings)
 
     log.info(
         "run started", seed=seed, profile=prepared.profile.name, budget=options.budget
@@ -245,7 +250,8 @@ def run_campaign(options: RunOptions) -> RunSummary:
         )
         summary.stats = fuzzer.stats
         shrink_budget = options.shrink_budget or max(60.0, options.budget * 0.25)
-        fuzzer.run(started + options.budget, shrink_budget, options.shard)
+        with progress:
+            fuzzer.run(started + options.budget, shrink_budget, options.shard)
         summary.interrupted = fuzzer.interrupted
     except KeyboardInterrupt:
         summary.interrupted = True

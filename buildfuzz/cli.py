@@ -51,6 +51,7 @@ def _configure(log_format: str) -> None:
         _fail(UsageError(f"invalid --log-format {log_format!r}; use console or json"))
     logs.configure(log_format)
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)  # the terminal went away
 
 
 @app.command()

@@ -55,6 +55,7 @@ class ShrinkResult:
     attempts: int = 0
     explanation: list[AxisReport] = field(default_factory=list)
     shrunk: bool = True  # false when no re-run reproduced the finding
+    tries: int = 1  # builds a simplification may take to reproduce
 
     @property
     def rate(self) -> float:
@@ -242,6 +243,7 @@ class Fuzzer:
         seen: dict[str, bool] = {}
         builds = 0
         budget_spent = False
+        tries = 1  # builds a shrink step may take to reproduce; see below
 
         @_settings(InMemoryExampleDatabase())
         @given(self.strategy)
@@ -254,16 +256,11 @@ class Fuzzer:
                 budget_spent = True
                 return
             else:
-                builds += 1
-                try:
-                    record = self.execute(case)
-                except EngineUnavailable:
-                    reject()
-                # A rule-explained failure with the same text is not the
-                # finding; shrinking must not drift into it.
-                matched = self._is_target(record, signature)
+                record, used = self._try(case, signature, tries)
+                builds += used
+                matched = record is not None
                 seen[key] = matched
-                if matched:
+                if record is not None:
                     best.append(record)
             if matched:
                 raise SignatureReproduced(signature.id)
@@ -279,6 +276,10 @@ class Fuzzer:
                 reproduces.hypothesis.fuzz_one_input(buffer)  # type: ignore[attr-defined]
             except SignatureReproduced:
                 pass
+        # A finding that needed n tries to reproduce has a rate of about 1/n;
+        # a shrink step is accepted when it reproduces within n tries, that is
+        # at the rate of the original, so flakiness cannot pass for progress.
+        tries = max(1, reruns)
         if not best:
             log.info("finding did not reproduce; not shrinking", id=signature.id)
             self.stats.shrink_builds += builds
@@ -290,6 +291,7 @@ class Fuzzer:
                 attempts=reruns,
                 shrunk=False,
             )
+        log.info("finding reproduced", id=signature.id, tries=reruns)
 
         try:
             reproduces()
@@ -309,7 +311,23 @@ class Fuzzer:
             complete=not budget_spent,
             reproduced=1,
             attempts=reruns,
+            tries=tries,
         )
+
+    def _try(
+        self, case: Case, signature: Signature, tries: int
+    ) -> tuple[CaseRecord | None, int]:
+        """Build ``case`` up to ``tries`` times; return the reproducing record."""
+        for attempt in range(1, tries + 1):
+            try:
+                record = self.execute(case)
+            except EngineUnavailable:
+                reject()
+            # A rule-explained failure with the same text is not the finding;
+            # shrinking must not drift into it.
+            if self._is_target(record, signature):
+                return record, attempt
+        return None, tries
 
     def minimize(
         self, shrunk: ShrinkResult, signature: Signature, deadline: float
@@ -318,14 +336,15 @@ class Fuzzer:
         records: dict[str, CaseRecord] = {}
 
         def reproduces(case: Case) -> bool:
-            try:
-                record = self.execute(case)
-            except EngineUnavailable:
-                return False
-            self.stats.shrink_builds += 1
-            if self._is_target(record, signature):
-                records[case.to_json()] = record
-                return True
+            for _ in range(shrunk.tries):
+                try:
+                    record = self.execute(case)
+                except EngineUnavailable:
+                    return False
+                self.stats.shrink_builds += 1
+                if self._is_target(record, signature):
+                    records[case.to_json()] = record
+                    return True
             return False
 
         minimal = one_minimal(

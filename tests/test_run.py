@@ -254,3 +254,64 @@ def test_ci_mode_reports_known_findings(tmp_path: Path) -> None:
     assert "(0 new, 2 known)" in second.stdout
     assert (tmp_path / "junit.xml").exists()
     assert "still failing" in (tmp_path / "summary.md").read_text()
+
+
+def start_run(workdir: Path) -> subprocess.Popen[str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "buildfuzz", "run", "--budget", "5m",
+         "--profile", str(PROFILES / "quiet.toml"),
+         "--results", tempfile_dir(), "--workdir", str(workdir)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(
+        workdir.glob("run-*/e-*/docker.sock")
+    ):
+        time.sleep(0.2)
+    time.sleep(2)  # some builds run
+    return process
+
+
+def leftovers(directory: Path) -> list[str]:
+    found = [
+        " ".join(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["cmdline"])
+        if str(directory) in " ".join(p.info["cmdline"] or [])
+    ]
+    with open("/proc/self/mountinfo") as stream:
+        found += [line for line in stream if str(directory) in line]
+    return found
+
+
+def test_sigterm_stops_engines_and_cleans_up() -> None:
+    workdir = Path(tempfile_dir())
+    process = start_run(workdir)
+
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+
+    assert process.returncode == 130
+    assert "(interrupted)" in stdout
+    assert list(workdir.glob("run-*")) == []
+    assert leftovers(workdir) == []
+
+
+def test_next_run_reaps_killed_run() -> None:
+    workdir = Path(tempfile_dir())
+    process = start_run(workdir)
+    process.kill()
+    process.wait(timeout=30)
+    dead_runs = list(workdir.glob("run-*"))
+    left_behind = leftovers(workdir)
+
+    completed = buildfuzz(
+        "run", "--budget", "3s", "--profile", str(PROFILES / "quiet.toml"),
+        "--results", tempfile_dir(), "--workdir", str(workdir),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert len(dead_runs) == 1
+    assert left_behind  # the killed run's daemon and mounts were still there
+    assert "removing leftovers of a dead run" in completed.stderr
+    assert list(workdir.glob("run-*")) == []
+    assert leftovers(workdir) == []
