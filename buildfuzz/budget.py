@@ -48,3 +48,18 @@ def format_duration(seconds: float) -> str:
         parts.append(f"{secs}s")
 
     return "".join(parts)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, *, option: str) -> int:
+    """Return the bytes in a size such as ``500M``, ``2G`` or ``1.5GiB``."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise UsageError(
+            f"invalid size for {option}: {text!r}; use a number with K, M, G or T, "
+            "for example 2G"
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])

@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class RunOptions:
     strict: bool = False
     offline: bool = False
     ci: bool = False
+    min_free: int = 2 * 2**30  # bytes free under the work directory to go on
     workdir: Path = DEFAULT_BASE
     shard: Shard = Shard(1, 1)
 
@@ -65,6 +67,7 @@ class RunSummary:
     results: Path = Path("results")
     ci: bool = False
     regressions: list[ReplayReport] = field(default_factory=list)
+    low_disk: bool = False  # the run stopped early for lack of disk space
 
     @property
     def new_findings(self) -> list[str]:
@@ -247,6 +250,7 @@ def run_campaign(options: RunOptions) -> RunSummary:
             seed=seed,
             known=lambda signature: store.load(signature.id) is not None,
             on_finding=writer.write,
+            may_continue=lambda: enough_disk(run_dir, options.min_free, summary),
         )
         summary.stats = fuzzer.stats
         shrink_budget = options.shrink_budget or max(60.0, options.budget * 0.25)
@@ -271,6 +275,22 @@ def run_campaign(options: RunOptions) -> RunSummary:
         seconds=round(summary.elapsed, 1),
     )
     return summary
+
+
+def enough_disk(directory: Path, min_free: int, summary: RunSummary) -> bool:
+    """Return whether ``directory`` has ``min_free`` bytes free; say so when not."""
+    free = shutil.disk_usage(directory).free
+    if free >= min_free:
+        return True
+    if not summary.low_disk:
+        summary.low_disk = True
+        log.warning(
+            "free disk space below --min-free; starting no more cases",
+            free_mib=free // 2**20,
+            min_free_mib=min_free // 2**20,
+            path=str(directory),
+        )
+    return False
 
 
 def _log_case(record: CaseRecord) -> None:

@@ -13,7 +13,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from buildfuzz import __version__, logs
-from buildfuzz.budget import format_duration, parse_duration
+from buildfuzz.budget import format_duration, parse_duration, parse_size
 from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, UsageError
 from buildfuzz.report_cli import report as report_command
 from buildfuzz.shard import Shard
@@ -90,6 +90,13 @@ def run(
             "disjoint cases that together make up the unsharded run."
         ),
     ] = "1/1",
+    min_free: Annotated[
+        str,
+        typer.Option(
+            help="Start no new case when less disk than this is free under "
+            "--workdir, such as 2G or 500M."
+        ),
+    ] = "2G",
     ci: Annotated[
         bool,
         typer.Option(
@@ -136,6 +143,7 @@ def run(
             workdir=workdir,
             shard=Shard.parse(shard),
             ci=ci,
+            min_free=parse_size(min_free, option="--min-free"),
         )
         summary = run_campaign(options)
         if junit or markdown or html:
@@ -161,7 +169,8 @@ def run(
         f"  profile            {summary.profile}",
         f"  elapsed            {format_duration(summary.elapsed)}"
         f" of {format_duration(summary.budget)}"
-        + (" (interrupted)" if summary.interrupted else ""),
+        + (" (interrupted)" if summary.interrupted else "")
+        + (" (stopped early: disk space below --min-free)" if summary.low_disk else ""),
         f"  cases run          {stats.cases}",
         f"  passes             {stats.passes}",
         f"  expected failures  {stats.expected}",
@@ -295,6 +304,25 @@ def results_show(
         typer.echo(page.read_text())
     except OSError as error:
         _fail(UsageError(f"cannot read {page}: {error}"))
+
+
+@results_app.command("merge")
+def results_merge(
+    directories: Annotated[
+        list[Path], typer.Argument(help="Results directories to merge, one a shard.")
+    ],
+    into: Annotated[
+        Path, typer.Option("--into", help="Results directory to write the merge to.")
+    ],
+) -> None:
+    """Merge the results directories of several shards into one."""
+    from buildfuzz.results_merge import merge_results
+
+    try:
+        summary = merge_results(directories, into)
+    except BuildfuzzError as error:
+        _fail(error)
+    typer.echo(summary.describe())
 
 
 @app.command()

@@ -134,6 +134,7 @@ class Fuzzer:
         seed: int,
         known: Callable[[Signature], bool],
         on_finding: Callable[[FindingEvent], None],
+        may_continue: Callable[[], bool] = lambda: True,
     ) -> None:
         self.strategy = strategy
         self.execute = execute
@@ -142,6 +143,7 @@ class Fuzzer:
         self.seed = seed
         self.known = known
         self.on_finding = on_finding
+        self.may_continue = may_continue  # checked before every new case
         self.stats = Stats()
         self.stopped = False
         self.interrupted = False
@@ -182,6 +184,8 @@ class Fuzzer:
         index = shard.index - 1
         while not self.stopped and time.monotonic() < deadline:
             if stop_index is not None and index >= stop_index:
+                break
+            if not self.may_continue():
                 break
             buffer = self.buffer(index)
             index += shard.count

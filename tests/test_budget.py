@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buildfuzz.budget import MAX_SECONDS, format_duration, parse_duration
+from buildfuzz.budget import MAX_SECONDS, format_duration, parse_duration, parse_size
 from buildfuzz.errors import UsageError
 
 
@@ -87,3 +87,22 @@ def test_duration_formats_short(seconds: float, text: str) -> None:
 @given(st.integers(min_value=1, max_value=MAX_SECONDS))
 def test_formatted_duration_parses_back(seconds: int) -> None:
     assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2G", 2 * 2**30),
+        ("500M", 500 * 2**20),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("10", 10),
+    ],
+)
+def test_parse_size_accepts(text: str, expected: int) -> None:
+    assert parse_size(text, option="--min-free") == expected
+
+
+@pytest.mark.parametrize("text", ["", "2X", "-1G", "G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(UsageError, match="--min-free"):
+        parse_size(text, option="--min-free")

@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -315,3 +317,37 @@ def test_next_run_reaps_killed_run() -> None:
     assert "removing leftovers of a dead run" in completed.stderr
     assert list(workdir.glob("run-*")) == []
     assert leftovers(workdir) == []
+
+
+@pytest.fixture
+def small_workdir() -> Iterator[Path]:
+    """A 512 MiB file system of its own, mounted for the run's work directory."""
+    base = Path(tempfile_dir())
+    image, mount_point = base / "fs.img", base / "w"
+    mount_point.mkdir()
+    with image.open("wb") as stream:
+        stream.truncate(512 * 2**20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mount_point)], check=True)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_run_stops_when_disk_runs_low(small_workdir: Path, tmp_path: Path) -> None:
+    free = shutil.disk_usage(small_workdir).free
+    # A sandbox engine writes tens of MiB of state, so this limit is crossed
+    # soon after the first cases.
+    min_free = f"{(free - 40 * 2**20) // 2**20}M"
+
+    completed = buildfuzz(
+        "run", "--budget", "2m", "--min-free", min_free,
+        "--profile", str(PROFILES / "quiet.toml"),
+        "--results", str(tmp_path / "results"), "--workdir", str(small_workdir),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "free disk space below --min-free" in completed.stderr
+    assert "stopped early: disk space below --min-free" in completed.stdout
+    assert list(small_workdir.glob("run-*")) == []
