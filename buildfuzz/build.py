@@ -11,6 +11,7 @@ import structlog
 from python_on_whales import DockerClient, DockerException
 from python_on_whales.utils import stream_stdout_and_stderr
 
+from buildfuzz import secrets
 from buildfuzz.case import Case, Output
 from buildfuzz.context import materialize
 from buildfuzz.definitions import BuilderDefinition
@@ -111,7 +112,9 @@ class CaseRunner:
             load=case.output is Output.LOAD,
             output=buildx_output(case, case_dir),
             platforms=[case.platform] if case.platform else None,
-            build_args=dict(case.build_args),
+            build_args={
+                name: secrets.resolve(value) for name, value in case.build_args
+            },
             # The sandbox daemons have no bridge network; BuildKit RUN steps
             # fail with "network bridge not found" unless told otherwise.
             network="none",
@@ -147,7 +150,7 @@ def classic_arguments(case: Case) -> list[str]:
     if case.platform:
         arguments += ["--platform", case.platform]
     for name, value in case.build_args:
-        arguments += ["--build-arg", f"{name}={value}"]
+        arguments += ["--build-arg", f"{name}={secrets.resolve(value)}"]
     return arguments
 
 

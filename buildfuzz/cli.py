@@ -12,7 +12,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from buildfuzz import __version__, logs
+from buildfuzz import __version__, logs, secrets
 from buildfuzz.budget import format_duration, parse_duration, parse_size
 from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, UsageError
 from buildfuzz.report_cli import report as report_command
@@ -30,6 +30,14 @@ app = typer.Typer(
 
 LogFormat = Annotated[
     str, typer.Option("--log-format", help="Log lines as 'console' or 'json'.")
+]
+SecretEnv = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--secret-env",
+        help="Name of an environment variable whose value is secret: it is "
+        "redacted from logs and results. Repeat for several.",
+    ),
 ]
 Workdir = Annotated[
     Path,
@@ -114,6 +122,7 @@ def run(
     html: Annotated[
         Path | None, typer.Option(help="Write the HTML report here at the end.")
     ] = None,
+    secret_env: SecretEnv = None,
     log_format: LogFormat = "console",
     workdir: Workdir = DEFAULT_BASE,
 ) -> None:
@@ -127,6 +136,7 @@ def run(
 
     _configure(log_format)
     try:
+        secrets.register_environment(secret_env or [])
         if seed is not None and not 0 <= seed < 2**64:
             raise UsageError(f"invalid --seed {seed}; use a number from 0 to 2^64-1")
         options = RunOptions(
@@ -205,6 +215,7 @@ def replay(
     build_timeout: Annotated[
         str, typer.Option(help="Time one build may take before it counts as a hang.")
     ] = "1m",
+    secret_env: SecretEnv = None,
     log_format: LogFormat = "console",
     workdir: Workdir = DEFAULT_BASE,
 ) -> None:
@@ -218,6 +229,7 @@ def replay(
 
     _configure(log_format)
     try:
+        secrets.register_environment(secret_env or [])
         if (path is None) == (not all_findings):
             raise UsageError("give either a finding PATH or --all, not both or neither")
         timeout = parse_duration(build_timeout, option="--build-timeout")
@@ -309,7 +321,8 @@ def results_show(
 @results_app.command("merge")
 def results_merge(
     directories: Annotated[
-        list[Path], typer.Argument(help="Results directories to merge, one a shard.")
+        list[Path],
+        typer.Argument(metavar="DIR", help="Results directories, one per shard."),
     ],
     into: Annotated[
         Path, typer.Option("--into", help="Results directory to write the merge to.")

@@ -2,28 +2,17 @@
 
 import logging
 import sys
-from collections.abc import Iterable
 from typing import Any
 
 import structlog
 
-_secrets: set[str] = set()
-REDACTED = "***"
-
-
-def add_secrets(values: Iterable[str]) -> None:
-    """Register values that must never appear in a log line."""
-    _secrets.update(value for value in values if len(value) >= 3)
+from buildfuzz import secrets
 
 
 def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    if not _secrets:
-        return event
     for key, value in event.items():
         if isinstance(value, str):
-            for secret in _secrets:
-                value = value.replace(secret, REDACTED)
-            event[key] = value
+            event[key] = secrets.redact(value)
     return event
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from buildfuzz import secrets
 from buildfuzz.errors import ResultsError
 
 RESULTS_FORMAT = 1
@@ -50,6 +51,9 @@ class FindingRecord:
     profile: str
     flaky: bool = False
     explanation: list[dict[str, Any]] = field(default_factory=list)
+    # Targets ("<engine label>/<builder>") the finding failed on; empty in
+    # records written before this field existed.
+    seen_on: list[str] = field(default_factory=list)
 
     @property
     def rate(self) -> float:
@@ -63,7 +67,10 @@ def now() -> str:
 
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    payload = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    if isinstance(data, str):
+        payload = secrets.redact(data).encode("utf-8", "surrogateescape")
+    else:
+        payload = secrets.redact_bytes(data)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(descriptor, "wb") as stream:

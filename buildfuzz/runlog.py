@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from buildfuzz import secrets
 from buildfuzz.case import Case
 from buildfuzz.results import json_text, write_atomic
 from buildfuzz.session import CaseRecord
@@ -81,7 +82,7 @@ class RunLog:
             "seconds": round(record.result.duration, 3),
             "axes": axis_values(record.case),
         }
-        self._stream.write(json.dumps(line, sort_keys=True) + "\n")
+        self._stream.write(secrets.redact(json.dumps(line, sort_keys=True)) + "\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self._stream is not None:

@@ -1,0 +1,91 @@
+"""Secret values are redacted from logs and files, and read from the environment."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from buildfuzz import secrets
+from buildfuzz.errors import UsageError
+from buildfuzz.results import write_atomic
+from tests.conftest import REPO, buildfuzz
+
+SECRET = "hunter2-very-secret-value"
+
+
+@pytest.fixture(autouse=True)
+def clean_registry() -> None:
+    secrets._values.clear()
+
+
+def test_redact_replaces_every_occurrence() -> None:
+    secrets.register([SECRET])
+
+    text = secrets.redact(f"a {SECRET} b {SECRET}")
+
+    assert SECRET not in text
+    assert text == "a *** b ***"
+
+
+def test_redact_prefers_longer_secret() -> None:
+    secrets.register(["abcdef", "abcdefghij"])
+
+    assert secrets.redact("xabcdefghijx") == "x***x"
+
+
+def test_short_values_are_not_registered() -> None:
+    secrets.register(["ab"])
+
+    assert secrets.redact("abc") == "abc"
+
+
+def test_resolve_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BF_TEST_SECRET", SECRET)
+
+    value = secrets.resolve("env:BF_TEST_SECRET")
+
+    assert value == SECRET
+    assert secrets.redact(value) == "***"
+    assert secrets.resolve("plain") == "plain"
+
+
+def test_missing_secret_variable_is_usage_error() -> None:
+    with pytest.raises(UsageError, match="BF_NOT_SET_ANYWHERE"):
+        secrets.register_environment(["BF_NOT_SET_ANYWHERE"])
+
+
+def test_files_are_written_redacted(tmp_path: Path) -> None:
+    secrets.register([SECRET])
+
+    write_atomic(tmp_path / "a.txt", f"log: {SECRET}\n")
+    write_atomic(tmp_path / "b.bin", f"bytes {SECRET}".encode())
+
+    assert SECRET not in (tmp_path / "a.txt").read_text()
+    assert SECRET.encode() not in (tmp_path / "b.bin").read_bytes()
+
+
+def test_cli_rejects_unset_secret_env(tmp_path: Path) -> None:
+    completed = buildfuzz(
+        "run", "--budget", "1m", "--secret-env", "BF_NOT_SET_ANYWHERE",
+        "--results", str(tmp_path / "r"),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert completed.returncode == 2
+    assert "BF_NOT_SET_ANYWHERE" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_log_events_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
+    from buildfuzz import logs
+
+    logs.configure("json")
+    secrets.register([SECRET])
+    import structlog
+
+    structlog.get_logger("test").info("event", detail=f"value {SECRET}")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert SECRET not in line
+    assert json.loads(line)["detail"] == "value ***"
