@@ -47,12 +47,13 @@ RELEASES_FILE = "buildkit.toml"
 RELEASE_KEYS = ("version", "go_module", "description")
 VERSION_PATTERN = re.compile(r"v(\d+)\.(\d+)\.(\d+)")
 BINARIES = ("buildkitd", "buildctl")
-# The tags of BuildKit's own Dockerfile; seccomp makes buildkitd give RUN
-# steps Docker's default seccomp profile.
+# The build tags of BuildKit's own Dockerfile. With "seccomp", buildkitd runs
+# RUN steps under Docker's default seccomp profile.
 BUILD_TAGS = "osusergo netgo static_build seccomp"
 GO_FALLBACK = Path("/usr/local/go/bin/go")
 GO_TIMEOUT = 3600.0
-# The user's Go settings that are kept: where modules come from.
+# The user's Go settings that buildfuzz keeps, because they choose where
+# modules come from.
 GO_NETWORK_VARIABLES = ("GOPROXY", "GOSUMDB", "GOPRIVATE", "GONOPROXY", "GONOSUMDB")
 MARKER = ".buildfuzz-complete"
 IMAGE_REPOSITORY = "buildfuzz/buildkit"
@@ -147,7 +148,7 @@ def buildkit_binaries_dir(version: str) -> Path:
 
 
 def ensure_buildkit_binaries(version: str) -> Path:
-    """Return the directory holding ``buildkitd`` and ``buildctl`` of ``version``.
+    """Return the directory containing ``buildkitd`` and ``buildctl`` of ``version``.
 
     They are compiled on the first call and reused from the cache afterwards.
     """
@@ -250,24 +251,25 @@ def _go(go: Path, arguments: list[str], purpose: str, cwd: Path | None = None) -
 
 
 def _download_module(go: Path, release: BuildkitRelease) -> dict[str, Any]:
-    wanted = f"{release.go_module}@{release.version}"
+    path = f"{release.go_module}@{release.version}"
     output = _go(
-        go, ["mod", "download", "-json", wanted], f"download {wanted}", cwd=Path("/")
+        go, ["mod", "download", "-json", path], f"download {path}", cwd=Path("/")
     )
     module: dict[str, Any] = json.loads(output)
     if module.get("Error") or not module.get("Dir"):
-        raise SetupError(f"failed to download {wanted}: {module.get('Error')}")
+        raise SetupError(f"failed to download {path}: {module.get('Error')}")
     return module
 
 
 def _check_go_version(go: Path, release: BuildkitRelease, go_mod: Path) -> None:
-    wanted = re.search(r"^go\s+(\S+)", go_mod.read_text(), re.MULTILINE)
-    if wanted is None:
+    directive = re.search(r"^go\s+(\S+)", go_mod.read_text(), re.MULTILINE)
+    if directive is None:
         return
+    required = directive.group(1)
     installed = _go(go, ["env", "GOVERSION"], "read the Go version").strip()
-    if _version_tuple(wanted.group(1)) > _version_tuple(installed):
+    if _version_tuple(required) > _version_tuple(installed):
         raise SetupError(
-            f"BuildKit {release.version} needs Go {wanted.group(1)} or newer, "
+            f"BuildKit {release.version} needs Go {required} or newer, "
             f"but {go} is {installed}; install a newer Go or choose an older "
             f"release in {builders_dir() / RELEASES_FILE}"
         )
@@ -280,10 +282,10 @@ def _compile(
     output: Path,
     revision: str | None,
 ) -> None:
-    # `go install MODULE/cmd/...@VERSION` refuses modules whose go.mod has
+    # `go install MODULE/cmd/...@VERSION` rejects modules whose go.mod has
     # replace or exclude directives, so the build runs in a copy of the module.
-    # Module downloads keep only vendor/modules.txt of a vendored release, so
-    # the dependencies always come from the module cache (-mod=mod).
+    # A module download keeps only vendor/modules.txt of a vendored release,
+    # so the dependencies always come from the module cache (-mod=mod).
     package = f"{release.go_module}/version"
     ldflags = [
         f"-X {package}.Version={release.version}",
@@ -356,8 +358,8 @@ def shared_libraries(binary: Path) -> list[Path]:
 def buildkit_rootfs_tar(version: str, destination: Path) -> Path:
     """Write the root filesystem of a BuildKit image as a tar at ``destination``.
 
-    It holds buildkitd and buildctl, runc with its shared libraries, a static
-    busybox as /bin/sh, and the directories buildkitd uses.
+    The tar contains buildkitd and buildctl, runc with its shared libraries, a
+    static busybox as /bin/sh, and the directories that buildkitd uses.
     """
     binaries = ensure_buildkit_binaries(version)
     runc = runc_binary()
@@ -403,6 +405,15 @@ def buildkit_image_reference(registry: LoopbackRegistry, version: str) -> str:
     return registry.image(IMAGE_REPOSITORY, version)
 
 
+def container_driver_options(image: str) -> dict[str, str]:
+    """Return the ``--driver-opt`` values of a docker-container builder of ``image``.
+
+    The sandbox engines have no bridge network, so the builder container
+    joins the host network.
+    """
+    return {"image": image, "network": "host"}
+
+
 def publish_buildkit_image(
     docker: DockerClient, registry: LoopbackRegistry, version: str
 ) -> str:
@@ -439,9 +450,9 @@ def publish_buildkit_image(
 class HostBuildkitd:
     """buildkitd of one release as a root process on a unix socket.
 
-    Its state, socket and log live in ``base/buildkitd-VERSION``; the buildx
-    remote driver reaches it at ``address``. RUN steps use runc from the
-    engine tree and the host network (or none), as there is no CNI set-up.
+    Its state, socket and log are in ``base/buildkitd-VERSION``, and the buildx
+    remote driver connects to ``address``. RUN steps use runc from the engine
+    tree and the host network (or none), because there is no CNI set-up.
     """
 
     def __init__(self, version: str, base: Path) -> None:
@@ -466,11 +477,12 @@ class HostBuildkitd:
                 f"socket path {self.socket} is longer than {MAX_SOCKET_PATH} bytes, "
                 "the limit of unix sockets; give a shorter --workdir"
             )
+
         binaries = ensure_buildkit_binaries(self.version)
         runc = runc_binary()
         self.directory.mkdir(parents=True)
-        # An empty configuration of its own: /etc/buildkit/buildkitd.toml of
-        # the machine, if any, is not read.
+        # An empty configuration file of its own, so that buildkitd does not
+        # read the machine's /etc/buildkit/buildkitd.toml.
         config = self.directory / "buildkitd.toml"
         config.write_text("")
         command = [
@@ -482,6 +494,7 @@ class HostBuildkitd:
             "--containerd-worker=false",
             "--oci-worker-net=host",
         ]
+
         started = time.monotonic()
         with self.log_path.open("wb") as log_file:
             self._process = subprocess.Popen(
@@ -510,8 +523,8 @@ class HostBuildkitd:
             "PATH": path,
             "HOME": str(self.directory),
             "LANG": "C.UTF-8",
-            # As for the sandbox engines: registries other than loopback ones
-            # are reached through a closed port, so such pulls fail at once.
+            # As with the sandbox engines, requests to registries other than
+            # loopback ones go to a closed port, so such pulls fail at once.
             "HTTP_PROXY": CLOSED_PROXY,
             "HTTPS_PROXY": CLOSED_PROXY,
             "NO_PROXY": "localhost,127.0.0.1,::1",
@@ -538,7 +551,7 @@ class HostBuildkitd:
                     return
             time.sleep(0.2)
         raise EngineError(
-            f"buildkitd {self.version} did not answer on {self.address} within "
+            f"buildkitd {self.version} did not respond on {self.address} within "
             f"{START_TIMEOUT:.0f} s; see {self.log_path}",
             log_path=self.log_path,
         )

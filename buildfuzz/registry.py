@@ -32,10 +32,12 @@ REGISTRY_TREE = "registry"
 REGISTRY_PACKAGES = (PackageSet(suite="bookworm", names=("docker-registry",)),)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-START_ATTEMPTS = 3  # another process may take the free port before the registry
-# Every request with credentials checks the bcrypt hash, and a push makes
-# dozens of them; the lowest costs keep a loopback test registry fast.
+# Another process may take the free port before the registry binds it.
+START_ATTEMPTS = 3
+# The registry checks the bcrypt hash on every request with credentials, and
+# a push makes dozens of requests, so a low cost keeps a loopback registry fast.
 BCRYPT_ROUNDS = 5
+CATALOG_PAGE = 1000  # the maximum that the registry accepts by default
 
 
 def registry_binary() -> Path:
@@ -50,7 +52,7 @@ def registry_binary() -> Path:
 
 
 def htpasswd_line(username: str, password: str) -> str:
-    """Return an htpasswd entry with a bcrypt hash, the only kind the registry reads."""
+    """Return an htpasswd line with a bcrypt hash, the only hash the registry reads."""
     if not username or ":" in username:
         raise SetupError(
             f"registry user name {username!r} is not valid; "
@@ -184,7 +186,7 @@ class LoopbackRegistry:
             )
 
     def _wait_until_ready(self, last_attempt: bool) -> bool:
-        """Return True once /v2/ answers, False if the port was taken meanwhile."""
+        """Return True once /v2/ responds, or False if another process took the port."""
         assert self._process is not None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -201,22 +203,24 @@ class LoopbackRegistry:
             time.sleep(0.1)
 
         raise EngineError(
-            f"registry {self.name} did not answer on {self.address} within "
+            f"registry {self.name} did not respond on {self.address} within "
             f"{START_TIMEOUT:.0f} s; see {self.log_path}",
             log_path=self.log_path,
         )
 
     def probe(self, username: str | None = None, password: str | None = None) -> int:
-        """Return the HTTP status of ``GET /v2/``, or 0 if nothing answers."""
+        """Return the HTTP status of ``GET /v2/``, or 0 without a response."""
         status, _ = self._get("/v2/", username, password)
         return status
 
     def catalog(self) -> list[str]:
         """Return the names of the repositories stored in the registry."""
-        status, body = self._get("/v2/_catalog", self.username, self.password)
+        # The registry returns 100 names per page unless the request sets n.
+        path = f"/v2/_catalog?n={CATALOG_PAGE}"
+        status, body = self._get(path, self.username, self.password)
         if status != 200:
             raise EngineError(
-                f"registry {self.name} answered {status} to GET /v2/_catalog; "
+                f"registry {self.name} returned status {status} for GET {path}; "
                 f"see {self.log_path}",
                 log_path=self.log_path,
             )
@@ -231,7 +235,7 @@ class LoopbackRegistry:
             request.add_unredirected_header(
                 "Authorization", _basic_authorization(username, password or "")
             )
-        # No proxy handler: a proxy from the environment must not see this.
+        # An empty proxy handler, so that a proxy set in the environment is not used.
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(request, timeout=5) as response:

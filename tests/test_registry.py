@@ -42,13 +42,13 @@ def test_htpasswd_line_is_bcrypt() -> None:
         htpasswd_line("a:b", PASSWORD)
 
 
-def test_registry_requires_both_credentials(tmp_path: Path) -> None:
+def test_credentials_need_both_parts(tmp_path: Path) -> None:
     with pytest.raises(SetupError, match="both a user name and a password"):
         LoopbackRegistry(tmp_path, username=USER)
 
 
 @pytest.mark.engine
-def test_registry_listens_on_loopback_and_stops_clean(run_dir: Path) -> None:
+def test_registry_loopback_and_clean_stop(run_dir: Path) -> None:
     registry = LoopbackRegistry(run_dir)
     with registry:
         status = registry.probe()
@@ -68,7 +68,7 @@ def test_registry_listens_on_loopback_and_stops_clean(run_dir: Path) -> None:
 
 @pytest.mark.engine
 @pytest.mark.usefixtures("installed")
-def test_image_pushed_with_buildx_is_pulled_back(run_dir: Path) -> None:
+def test_pushed_image_pulled_back(run_dir: Path) -> None:
     engine = start_engine("26.1", run_dir)
     registry = LoopbackRegistry(run_dir)
     try:
@@ -104,7 +104,7 @@ def test_image_pushed_with_buildx_is_pulled_back(run_dir: Path) -> None:
 
 @pytest.mark.engine
 @pytest.mark.usefixtures("installed")
-def test_registry_with_auth_accepts_only_right_credentials(run_dir: Path) -> None:
+def test_auth_accepts_only_right_credentials(run_dir: Path) -> None:
     engine = start_engine("26.1", run_dir)
     registry = LoopbackRegistry(run_dir, username=USER, password=PASSWORD)
     try:
