@@ -3,7 +3,7 @@
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,11 +49,13 @@ class CaseRunner:
         work_dir: Path,
         *,
         timeout: float,
+        builder_name: Callable[[BuilderDefinition], str | None] = lambda _: None,
     ) -> None:
         self.docker = docker
         self.builders = builders
         self.work_dir = work_dir
         self.timeout = timeout
+        self.builder_name = builder_name  # the buildx builder; None: the default
         self._counter = 0
 
     def run(self, case: Case) -> BuildResult:
@@ -108,6 +110,7 @@ class CaseRunner:
 
         stream = self.docker.buildx.build(
             context,
+            builder=self.builder_name(builder),
             tags=[tag_for(case)] if case.output is Output.LOAD else [],
             load=case.output is Output.LOAD,
             output=buildx_output(case, case_dir),

@@ -455,8 +455,9 @@ class HostBuildkitd:
     tree and the host network (or none), because there is no CNI set-up.
     """
 
-    def __init__(self, version: str, base: Path) -> None:
+    def __init__(self, version: str, base: Path, config_text: str = "") -> None:
         self.version = version
+        self.config_text = config_text
         self.directory = base / f"buildkitd-{version}"
         self.socket = self.directory / "buildkitd.sock"
         self.log_path = self.directory / "buildkitd.log"
@@ -481,10 +482,10 @@ class HostBuildkitd:
         binaries = ensure_buildkit_binaries(self.version)
         runc = runc_binary()
         self.directory.mkdir(parents=True)
-        # An empty configuration file of its own, so that buildkitd does not
-        # read the machine's /etc/buildkit/buildkitd.toml.
+        # A configuration file of its own, so that buildkitd does not read the
+        # machine's /etc/buildkit/buildkitd.toml.
         config = self.directory / "buildkitd.toml"
-        config.write_text("")
+        config.write_text(self.config_text)
         command = [
             str(binaries / "buildkitd"),
             f"--config={config}",

@@ -21,7 +21,12 @@ from buildfuzz.errors import (
 )
 from buildfuzz.finding_writer import FindingWriter, WrittenFindings
 from buildfuzz.fuzzer import Fuzzer, Shard, Stats
-from buildfuzz.install import CLIENT_TREE, ensure_installed, missing_trees
+from buildfuzz.install import (
+    CLIENT_TREE,
+    builder_problem,
+    ensure_installed,
+    missing_trees,
+)
 from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile, load_profile
 from buildfuzz.progress import Progress
@@ -165,6 +170,7 @@ def prepare(options: RunOptions) -> Prepared:
                 f"profile {profile.name}: unknown builder {builder!r}; "
                 f"defined builders: {known}"
             )
+    builders = usable_builders(definitions, profile)
     targets = tuple(
         Target(
             engine,
@@ -174,7 +180,7 @@ def prepare(options: RunOptions) -> Prepared:
             containerd_store=definitions.engines[engine].containerd_store,
         )
         for engine in profile.engines
-        for builder in profile.builders
+        for builder in builders
     )
 
     missing = missing_trees(definitions, list(profile.engines))
@@ -186,10 +192,28 @@ def prepare(options: RunOptions) -> Prepared:
     return Prepared(profile, definitions, rules, targets)
 
 
+def usable_builders(definitions: Definitions, profile: Profile) -> list[str]:
+    """Return the profile's builders that can run here; warn about the others."""
+    usable = []
+    for name in profile.builders:
+        problem = builder_problem(definitions, name)
+        if problem is None:
+            usable.append(name)
+        else:
+            log.warning("builder left out of this run", builder=name, reason=problem)
+    if not usable:
+        raise SetupError(
+            f"profile {profile.name}: none of its builders can run here; "
+            "see `buildfuzz builders list`"
+        )
+    return usable
+
+
 def run_campaign(options: RunOptions) -> RunSummary:
     prepared = prepare(options)
     seed = options.seed if options.seed is not None else random.randrange(2**32)
-    ensure_installed(prepared.definitions, list(prepared.profile.engines))
+    builders = sorted({target.builder for target in prepared.targets})
+    ensure_installed(prepared.definitions, list(prepared.profile.engines), builders)
 
     store = ResultsStore(options.results).open()
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{seed}"

@@ -343,11 +343,19 @@ def setup(
     engine: Annotated[
         list[str] | None, typer.Option(help="Engine to fetch (default: all defined).")
     ] = None,
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="Also build the BuildKit versions this profile's builders use."
+        ),
+    ] = "default",
     log_format: LogFormat = "console",
 ) -> None:
-    """Download the engines, client and base image parts into the cache."""
+    """Download engines and client, and build BuildKit, into the cache."""
+    from buildfuzz.campaign import usable_builders
     from buildfuzz.definitions import load_definitions
     from buildfuzz.install import ensure_installed
+    from buildfuzz.profile import load_profile
 
     _configure(log_format)
     try:
@@ -359,10 +367,14 @@ def setup(
                 f"unknown engine {unknown[0]!r}; defined engines: "
                 f"{', '.join(sorted(definitions.engines))}"
             )
-        ensure_installed(definitions, names)
+        builders = usable_builders(definitions, load_profile(profile))
+        ensure_installed(definitions, names, builders)
     except BuildfuzzError as error:
         _fail(error)
-    typer.echo(f"ready: client, busybox base, engines {', '.join(names)}")
+    typer.echo(
+        f"ready: client, busybox base, engines {', '.join(names)}, "
+        f"builders of profile {profile}"
+    )
 
 
 builders_app = typer.Typer(help="Engines and builders buildfuzz can run.")

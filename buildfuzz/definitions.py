@@ -10,7 +10,7 @@ from buildfuzz.errors import DataFileError
 from buildfuzz.paths import builders_dir
 
 BUILDER_KINDS = ("classic", "buildx")
-BUILDX_DRIVERS = ("docker",)
+BUILDX_DRIVERS = ("docker", "docker-container", "remote", "kubernetes")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class BuilderDefinition:
     kind: str
     driver: str = ""
     outputs: tuple[Output, ...] = (Output.LOAD,)
+    buildkit: str = ""  # a version from builders/buildkit.toml, for built images
+    buildkitd_flags: tuple[str, ...] = ()
+    buildkitd_config: str = ""  # TOML appended to the builder's buildkitd.toml
 
     @property
     def classic(self) -> bool:
@@ -147,7 +150,9 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
 
 
 def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
-    unknown = sorted(set(raw) - {"description", "kind", "driver", "outputs"})
+    keys = {"description", "kind", "driver", "outputs", "buildkit"}
+    keys |= {"buildkitd_flags", "buildkitd_config"}
+    unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"builder {name!r}: unknown key {unknown[0]!r}")
     kind = raw["kind"]
@@ -160,6 +165,11 @@ def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
         raise ValueError(
             f"builder {name!r}: unknown driver {driver!r}; "
             f"use {', '.join(BUILDX_DRIVERS)}"
+        )
+    if driver in ("docker-container", "remote") and not raw.get("buildkit"):
+        raise ValueError(
+            f"builder {name!r}: the {driver} driver needs buildkit = VERSION, "
+            "one of the versions in builders/buildkit.toml"
         )
     outputs = []
     for value in raw.get("outputs", ["load"]):
@@ -176,6 +186,11 @@ def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
         kind=kind,
         driver=driver,
         outputs=tuple(outputs),
+        buildkit=str(raw.get("buildkit", "")),
+        buildkitd_flags=tuple(
+            _names(raw.get("buildkitd_flags", []), "buildkitd_flags")
+        ),
+        buildkitd_config=str(raw.get("buildkitd_config", "")),
     )
 
 

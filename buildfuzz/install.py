@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import structlog
 
@@ -20,8 +21,14 @@ def engine_tree_name(engine: str) -> str:
     return f"engine-{engine}"
 
 
-def ensure_installed(definitions: Definitions, engines: list[str]) -> None:
-    """Download and unpack the client, ``engines`` and the busybox base."""
+def ensure_installed(
+    definitions: Definitions, engines: list[str], builders: list[str] | None = None
+) -> None:
+    """Download and unpack the client, ``engines`` and the busybox base.
+
+    The BuildKit versions of ``builders`` are compiled too (minutes each on
+    the first call, then cached).
+    """
     if os.geteuid() != 0:
         raise SetupError("buildfuzz setup needs root: run it with sudo or as root")
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
@@ -31,6 +38,50 @@ def ensure_installed(definitions: Definitions, engines: list[str]) -> None:
     ensure_tree(BUSYBOX_TREE, BUSYBOX_PACKAGES)
     for name in engines:
         ensure_tree(engine_tree_name(name), definitions.engines[name].packages)
+    # buildkit_images imports this module for the tree names.
+    from buildfuzz.buildkit_images import RUNC_ENGINE, ensure_buildkit_binaries
+    from buildfuzz.registry import registry_binary
+
+    # runc for BuildKit images and host daemons comes from this engine's tree.
+    if any(definitions.builders[b].buildkit for b in builders or []):
+        ensure_tree(
+            engine_tree_name(RUNC_ENGINE), definitions.engines[RUNC_ENGINE].packages
+        )
+        registry_binary()
+    for version in sorted(
+        {definitions.builders[b].buildkit for b in builders or []} - {""}
+    ):
+        log.info("building BuildKit if not cached", version=version)
+        ensure_buildkit_binaries(version)
+
+
+def builder_problem(definitions: Definitions, name: str) -> str | None:
+    """Return why builder ``name`` cannot run here, or None when it can."""
+    from buildfuzz.buildkit_images import buildkit_binaries_dir, go_toolchain
+
+    builder = definitions.builders[name]
+    if builder.driver == "kubernetes" and not kubeconfig_present():
+        return "no Kubernetes cluster: set KUBECONFIG or create ~/.kube/config"
+    if builder.driver == "kubernetes":
+        return "buildfuzz does not drive the kubernetes driver yet"
+    if builder.buildkit:
+        try:
+            go_toolchain()
+        except SetupError as error:
+            if (
+                not buildkit_binaries_dir(builder.buildkit)
+                .joinpath("buildkitd")
+                .exists()
+            ):
+                return str(error)
+    return None
+
+
+def kubeconfig_present() -> bool:
+    configured = os.environ.get("KUBECONFIG")
+    if configured:
+        return any(Path(part).is_file() for part in configured.split(":"))
+    return (Path.home() / ".kube" / "config").is_file()
 
 
 def missing_trees(definitions: Definitions, engines: list[str]) -> list[str]:

@@ -4,9 +4,15 @@ it can run on this machine."""
 from dataclasses import dataclass
 from pathlib import Path
 
+from buildfuzz.buildkit_images import buildkit_binaries_dir
 from buildfuzz.definitions import BuilderDefinition, Definitions, EngineDefinition
 from buildfuzz.doctor import overlay_supported, version_of
-from buildfuzz.install import CLIENT_TREE, engine_tree_name, missing_trees
+from buildfuzz.install import (
+    CLIENT_TREE,
+    builder_problem,
+    engine_tree_name,
+    missing_trees,
+)
 from buildfuzz.packages import tree_path
 
 
@@ -67,16 +73,31 @@ def _option_entries(engine: EngineDefinition, engine_runs: bool) -> list[Entry]:
 def builder_entries(definitions: Definitions) -> list[Entry]:
     buildx = tree_path(CLIENT_TREE) / "usr/libexec/docker/cli-plugins/docker-buildx"
     buildx_version = version_of([str(buildx), "version"]) if buildx.exists() else None
-    return [_builder_entry(b, buildx_version) for b in definitions.builders.values()]
+    return [
+        _builder_entry(definitions, b, buildx_version)
+        for b in definitions.builders.values()
+    ]
 
 
-def _builder_entry(builder: BuilderDefinition, buildx_version: str | None) -> Entry:
+def _builder_entry(
+    definitions: Definitions, builder: BuilderDefinition, buildx_version: str | None
+) -> Entry:
     if builder.classic:
         return Entry("builder", builder.name, "engine's own", True)
-    version = (buildx_version or "").split(" ")[1] if buildx_version else "?"
     if buildx_version is None:
         return Entry("builder", builder.name, "?", False, "buildx not downloaded")
-    return Entry("builder", builder.name, f"buildx {version}", True)
+    version = f"buildx {buildx_version.split(' ')[1]} ({builder.driver})"
+    if builder.buildkit:
+        version += f", BuildKit {builder.buildkit}"
+    problem = builder_problem(definitions, builder.name)
+    if problem is not None:
+        return Entry("builder", builder.name, version, False, problem)
+    built = buildkit_binaries_dir(builder.buildkit) / "buildkitd"
+    if builder.buildkit and not built.exists():
+        return Entry(
+            "builder", builder.name, version, True, "BuildKit is built on first use"
+        )
+    return Entry("builder", builder.name, version, True)
 
 
 def all_entries(definitions: Definitions) -> list[Entry]:

@@ -14,6 +14,7 @@ from python_on_whales import DockerException
 
 from buildfuzz.baseimage import import_busybox
 from buildfuzz.build import BuildResult, CaseRunner
+from buildfuzz.buildx_builders import BuilderPool
 from buildfuzz.case import Case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions
@@ -71,6 +72,7 @@ class Session:
         self.engines: dict[str, SandboxEngine] = {}
         # Engine labels that failed to start, with the error; never retried.
         self.unusable: dict[str, str] = {}
+        self.pool = BuilderPool(run_dir)
         self._runners: dict[str, CaseRunner] = {}
 
     def engine(self, case: Case) -> SandboxEngine:
@@ -86,6 +88,7 @@ class Session:
         if engine is None:
             while len(self.engines) >= MAX_ENGINES:
                 oldest = next(iter(self.engines))
+                self.pool.forget_engine(oldest)
                 self.engines.pop(oldest).stop()
                 self._runners.pop(oldest, None)
             engine = SandboxEngine(
@@ -112,17 +115,32 @@ class Session:
                 error=str(error).splitlines()[-1][:300],
             )
             raise EngineUnavailable(engine.label, str(error)) from None
+        label = engine.label
         self._runners[engine.label] = CaseRunner(
             docker,
             self.definitions.builders,
             engine.directory / "cases",
             timeout=self.build_timeout,
+            builder_name=lambda builder: self.pool.builder(label, docker, builder),
         )
 
     def execute(self, case: Case) -> CaseRecord:
         """Build ``case`` and judge it; restart its engine if the build killed it."""
         engine = self.engine(case)
-        result = self._runners[engine.label].run(case)
+        target = f"{engine.label}/{case.builder}"
+        if target in self.unusable:
+            raise EngineUnavailable(target, self.unusable[target])
+        try:
+            result = self._runners[engine.label].run(case)
+        except EngineError as error:
+            # The builder itself could not be set up on this engine.
+            self.unusable[target] = str(error)
+            log.warning(
+                "builder cannot run cases; skipping its cases",
+                target=target,
+                error=str(error)[:300],
+            )
+            raise EngineUnavailable(target, str(error)) from None
 
         tail = ""
         if not result.succeeded and not engine.is_healthy():
@@ -147,6 +165,9 @@ class Session:
         return record
 
     def close(self) -> None:
+        for label in list(self.engines):
+            self.pool.forget_engine(label)
+        self.pool.close()
         for engine in self.engines.values():
             engine.stop()
         self.engines.clear()

@@ -10,6 +10,7 @@ from buildfuzz.build import CaseRunner
 from buildfuzz.case import Case, ContextFile, FileKind, Output
 from buildfuzz.definitions import load_definitions
 from buildfuzz.install import busybox_binary
+from buildfuzz.session import Session
 from buildfuzz.strategies import BUSYBOX_IMAGE
 from tests.conftest import client_tools, start_engine
 
@@ -131,3 +132,30 @@ def test_watchdog_kills_hanging_build(run_dir: Path) -> None:
 
     assert result.timed_out
     assert result.duration < 30
+
+
+@pytest.mark.parametrize("builder", ["container-v0-34", "remote-v0-34"])
+def test_session_builds_on_buildkit_builders(builder: str, run_dir: Path) -> None:
+    """docker-container and remote builders pull the busybox base through the
+    loopback registry mirror and build every output."""
+    definitions = load_definitions()
+    session = Session(
+        definitions, client_tools(run_dir), run_dir, rules=(), build_timeout=300
+    )
+    try:
+        records = [
+            session.execute(CASES[1].with_changes(builder=builder, output=output))
+            for output in (Output.LOAD, Output.TAR, Output.DOCKER_TAR)
+        ]
+        created = [
+            b.name
+            for b in session.tools.docker(session.engine(CASES[1]).host).buildx.list()
+        ]
+    finally:
+        session.close()
+
+    for record in records:
+        assert record.evaluation.verdict == "pass", record.result.log[-1500:]
+    assert any(name.startswith("bf-") for name in created)
+    assert processes_under(run_dir) == []
+    assert mounts_under(run_dir) == []

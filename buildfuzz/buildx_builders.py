@@ -1,0 +1,154 @@
+"""buildx builders of the docker-container and remote drivers.
+
+These builders do not see the engine's image store, so the busybox base
+comes from a loopback registry. The case's Dockerfile names it as
+``localhost/buildfuzz/busybox:1``; each builder's buildkitd.toml makes
+127.0.0.1:PORT the mirror of the registry "localhost", so Dockerfiles stay
+the same for every builder and no request leaves the machine.
+"""
+
+import hashlib
+from pathlib import Path
+
+import structlog
+from python_on_whales import DockerClient, DockerException
+
+from buildfuzz.buildkit_images import (
+    HostBuildkitd,
+    container_driver_options,
+    publish_buildkit_image,
+)
+from buildfuzz.definitions import BuilderDefinition
+from buildfuzz.errors import EngineError
+from buildfuzz.registry import LoopbackRegistry
+from buildfuzz.strategies import BUSYBOX_IMAGE
+
+log = structlog.get_logger(__name__)
+
+BASE_REPOSITORY = "buildfuzz/busybox"
+
+
+def mirror_config(registry: LoopbackRegistry, extra: str = "") -> str:
+    """Return a buildkitd.toml that serves "localhost" images from ``registry``."""
+    return (
+        '[registry."localhost"]\n'
+        f'  mirrors = ["{registry.address}"]\n'
+        "  http = true\n"
+        "  insecure = true\n"
+        f'[registry."{registry.address}"]\n'
+        "  http = true\n"
+        "  insecure = true\n" + (f"\n{extra}\n" if extra else "")
+    )
+
+
+class BuilderPool:
+    """Create builders on first use and remove them when the session ends."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self._registry: LoopbackRegistry | None = None
+        self._pushed_base = False
+        self._images: dict[str, str] = {}
+        self._hosts: dict[str, HostBuildkitd] = {}
+        # (engine label, builder name) -> (client, buildx builder name)
+        self._builders: dict[tuple[str, str], tuple[DockerClient, str]] = {}
+
+    def builder(
+        self, engine_label: str, docker: DockerClient, definition: BuilderDefinition
+    ) -> str | None:
+        """Return the buildx builder name for ``definition`` on an engine."""
+        if definition.classic or definition.driver == "docker":
+            return None
+        key = (engine_label, definition.name)
+        if key in self._builders:
+            return self._builders[key][1]
+        if definition.driver not in ("docker-container", "remote"):
+            raise EngineError(
+                f"builder {definition.name}: the {definition.driver} driver cannot run "
+                "here; it needs a cluster that buildfuzz was not given"
+            )
+
+        registry = self._ensure_registry(docker)
+        name = "bf-" + hashlib.sha256("/".join(key).encode()).hexdigest()[:10]
+        config = self.run_dir / f"{name}.toml"
+        config.write_text(mirror_config(registry, definition.buildkitd_config))
+        try:
+            if definition.driver == "docker-container":
+                image = self._image(docker, registry, definition.buildkit)
+                docker.buildx.create(
+                    name=name,
+                    driver="docker-container",
+                    driver_options=container_driver_options(image),
+                    buildkitd_flags=" ".join(definition.buildkitd_flags) or None,
+                    config=config,
+                    bootstrap=True,
+                )
+            else:
+                host = self._host(definition, config.read_text())
+                docker.buildx.create(
+                    host.address, name=name, driver="remote", bootstrap=True
+                )
+        except DockerException as error:
+            raise EngineError(
+                f"cannot create builder {definition.name}: "
+                f"{_text(error.stderr) or error}"
+            ) from None
+        self._builders[key] = (docker, name)
+        log.info("builder created", builder=definition.name, engine=engine_label)
+        return name
+
+    def _ensure_registry(self, docker: DockerClient) -> LoopbackRegistry:
+        if self._registry is None:
+            self._registry = LoopbackRegistry(self.run_dir)
+            self._registry.start()
+        if not self._pushed_base:
+            mirrored = self._registry.image(BASE_REPOSITORY, "1")
+            docker.image.tag(BUSYBOX_IMAGE, mirrored)
+            docker.image.push(mirrored, quiet=True)
+            self._pushed_base = True
+        return self._registry
+
+    def _image(
+        self, docker: DockerClient, registry: LoopbackRegistry, version: str
+    ) -> str:
+        if version not in self._images:
+            self._images[version] = publish_buildkit_image(docker, registry, version)
+        return self._images[version]
+
+    def _host(self, definition: BuilderDefinition, config_text: str) -> HostBuildkitd:
+        host = self._hosts.get(definition.name)
+        if host is None:
+            host = HostBuildkitd(definition.buildkit, self.run_dir, config_text)
+            host.start()
+            self._hosts[definition.name] = host
+        return host
+
+    def forget_engine(self, engine_label: str) -> None:
+        """Drop the builders of an engine that is being stopped."""
+        for key in [key for key in self._builders if key[0] == engine_label]:
+            docker, name = self._builders.pop(key)
+            _remove(docker, name)
+
+    def close(self) -> None:
+        for docker, name in self._builders.values():
+            _remove(docker, name)
+        self._builders.clear()
+        for host in self._hosts.values():
+            host.stop()
+        self._hosts.clear()
+        if self._registry is not None:
+            self._registry.stop()
+            self._registry = None
+
+
+def _remove(docker: DockerClient, name: str) -> None:
+    try:
+        docker.buildx.remove(name)
+    except DockerException as error:
+        log.warning("cannot remove builder", builder=name, error=_text(error.stderr))
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace").strip()
+    return str(value or "").strip()
