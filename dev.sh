@@ -59,7 +59,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
 fi
 
 # Engines, docker CLI, buildx and the busybox base, into the cache.
-.venv/bin/buildfuzz setup >&2
+.venv/bin/buildfuzz setup --quiet >&2
 
 command="${1:-}"
 shift || true

@@ -215,10 +215,14 @@ def run_campaign(options: RunOptions) -> RunSummary:
     builders = sorted({target.builder for target in prepared.targets})
     ensure_installed(prepared.definitions, list(prepared.profile.engines), builders)
 
-    store = ResultsStore(options.results).open()
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{seed}"
-    run_log = RunLog(options.results, run_id).open()
     run_dir = create_run_dir(options.workdir)
+    try:
+        store = ResultsStore(options.results).open()
+    except BaseException:
+        remove_tree(run_dir)
+        raise
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{seed}"
+    run_log = RunLog(options.results, run_id)
     started = time.monotonic()
     summary = RunSummary(
         seed=seed,
@@ -235,8 +239,9 @@ def run_campaign(options: RunOptions) -> RunSummary:
     progress = Progress(options.budget)
 
     def on_case(record: CaseRecord) -> None:
-        _log_case(record)
-        run_log.record(record, phase=fuzzer.phase if fuzzer else "fuzz")
+        phase = fuzzer.phase if fuzzer else "fuzz"
+        _log_case(record, phase)
+        run_log.record(record, phase=phase)
         target = f"{record.case.engine_label}/{record.case.builder}"
         progress.update(summary.stats, target, summary.distinct_findings)
 
@@ -289,7 +294,8 @@ def run_campaign(options: RunOptions) -> RunSummary:
         if session is not None:
             session.close()
         remove_tree(run_dir)
-        run_log.finish(summary.to_dict(run_id))
+        if summary.stats.cases or summary.stats.shrink_builds:
+            run_log.finish(summary.to_dict(run_id))
         store.close()
 
     log.info(
@@ -317,10 +323,11 @@ def enough_disk(directory: Path, min_free: int, summary: RunSummary) -> bool:
     return False
 
 
-def _log_case(record: CaseRecord) -> None:
+def _log_case(record: CaseRecord, phase: str) -> None:
     evaluation = record.evaluation
     log.info(
         "case",
+        phase=phase,  # "fuzz", or "shrink" for builds that shrink a finding
         case_id=record.case.id,
         engine=record.case.engine_label,
         builder=record.case.builder,

@@ -14,7 +14,7 @@ import typer
 
 from buildfuzz import __version__, logs, secrets
 from buildfuzz.budget import format_duration, parse_duration, parse_size
-from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, UsageError
+from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, SetupError, UsageError
 from buildfuzz.report_cli import report as report_command
 from buildfuzz.shard import Shard
 from buildfuzz.workdir import DEFAULT_BASE
@@ -26,6 +26,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
+    # Plain click messages: a usage error is a short "Error: ..." text.
+    rich_markup_mode=None,
 )
 
 LogFormat = Annotated[
@@ -50,7 +52,21 @@ def _fail(error: BuildfuzzError) -> NoReturn:
     raise typer.Exit(error.exit_code)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
+def _os_error(error: OSError) -> SetupError:
+    """Turn an unexpected file-system error into one line that names the path."""
+    where = f"{error.filename}: " if error.filename else ""
+    return SetupError(f"{where}{error.strerror or error}")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """Stop the run on the first SIGINT, SIGTERM or SIGHUP; ignore later ones.
+
+    A second Ctrl-C would otherwise cut short the clean-up and the writing
+    of the finding in progress. SIGKILL still stops buildfuzz at once, and
+    the next run removes what it left behind.
+    """
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -58,8 +74,8 @@ def _configure(log_format: str) -> None:
     if log_format not in ("console", "json"):
         _fail(UsageError(f"invalid --log-format {log_format!r}; use console or json"))
     logs.configure(log_format)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)  # the terminal went away
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, _interrupt)
 
 
 @app.command()
@@ -168,6 +184,8 @@ def run(
                 typer.echo(f"report written: {path}", err=True)
     except BuildfuzzError as error:
         _fail(error)
+    except OSError as error:
+        _fail(_os_error(error))
     except KeyboardInterrupt:
         typer.echo("buildfuzz: interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -244,6 +262,8 @@ def replay(
             )
     except BuildfuzzError as error:
         _fail(error)
+    except OSError as error:
+        _fail(_os_error(error))
     except KeyboardInterrupt:
         typer.echo("buildfuzz: interrupted", err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -268,6 +288,7 @@ def replay(
 
 
 results_app = typer.Typer(
+    rich_markup_mode=None,
     help="List and show findings of a results directory.",
     invoke_without_command=True,
     no_args_is_help=False,
@@ -286,10 +307,16 @@ def results_list(ctx: typer.Context, results: ResultsOption = Path("results")) -
     from buildfuzz.results import ResultsStore
 
     try:
+        if not results.is_dir():
+            raise UsageError(
+                f"results directory {results} not found; give --results DIR"
+            )
         ResultsStore.check(results)
         records = ResultsStore(results).findings()
     except BuildfuzzError as error:
         _fail(error)
+    except OSError as error:
+        _fail(_os_error(error))
     if not records:
         typer.echo(f"no findings in {results}")
         return
@@ -335,6 +362,8 @@ def results_merge(
         summary = merge_results(directories, into)
     except BuildfuzzError as error:
         _fail(error)
+    except OSError as error:
+        _fail(_os_error(error))
     typer.echo(summary.describe())
 
 
@@ -349,6 +378,9 @@ def setup(
             help="Also build the BuildKit versions this profile's builders use."
         ),
     ] = "default",
+    quiet: Annotated[
+        bool, typer.Option(help="Print nothing when everything is already there.")
+    ] = False,
     log_format: LogFormat = "console",
 ) -> None:
     """Download engines and client, and build BuildKit, into the cache."""
@@ -371,13 +403,77 @@ def setup(
         ensure_installed(definitions, names, builders)
     except BuildfuzzError as error:
         _fail(error)
-    typer.echo(
-        f"ready: client, busybox base, engines {', '.join(names)}, "
-        f"builders of profile {profile}"
+    except OSError as error:
+        _fail(_os_error(error))
+    if not quiet:
+        typer.echo(
+            f"ready: client, busybox base, engines {', '.join(names)}, "
+            f"builders of profile {profile}"
+        )
+
+
+@app.command()
+def sandbox(
+    engine: Annotated[str, typer.Option(help="Engine to start.")] = "26.1",
+    workdir: Workdir = DEFAULT_BASE,
+) -> None:
+    """Start a sandbox engine for repro.sh and wait; Ctrl-C stops and removes it.
+
+    It prints the DOCKER_HOST and DOCKER_CONFIG (with the buildx plugin) to
+    export in another shell.
+    """
+    import time
+
+    from buildfuzz.baseimage import import_busybox
+    from buildfuzz.client import ClientTools
+    from buildfuzz.definitions import load_definitions
+    from buildfuzz.engine import SandboxEngine
+    from buildfuzz.install import (
+        CLIENT_TREE,
+        busybox_binary,
+        engine_tree_name,
+        ensure_installed,
     )
+    from buildfuzz.packages import tree_path
+    from buildfuzz.workdir import create_run_dir, remove_tree
+
+    _configure("console")
+    try:
+        definitions = load_definitions()
+        if engine not in definitions.engines:
+            raise UsageError(
+                f"unknown engine {engine!r}; defined engines: "
+                f"{', '.join(sorted(definitions.engines))}"
+            )
+        ensure_installed(definitions, [engine])
+        run_dir = create_run_dir(workdir)
+    except BuildfuzzError as error:
+        _fail(error)
+    try:
+        tools = ClientTools.prepare(tree_path(CLIENT_TREE), run_dir)
+        daemon = SandboxEngine(
+            definitions.engines[engine], tree_path(engine_tree_name(engine)), run_dir
+        )
+        daemon.start()
+        import_busybox(tools.docker(daemon.host), Path(busybox_binary()), run_dir)
+        typer.echo(f"export DOCKER_HOST={daemon.host}")
+        typer.echo(f"export DOCKER_CONFIG={tools.config_dir}")
+        typer.echo(f"export PATH={tools.cli.parent}:$PATH")
+        typer.echo("# sandbox engine running; press Ctrl-C to stop and remove it")
+        while daemon.is_healthy():
+            time.sleep(1)
+        typer.echo("buildfuzz: the sandbox engine stopped", err=True)
+    except KeyboardInterrupt:
+        pass
+    except BuildfuzzError as error:
+        remove_tree(run_dir)
+        _fail(error)
+    remove_tree(run_dir)
 
 
-builders_app = typer.Typer(help="Engines and builders buildfuzz can run.")
+builders_app = typer.Typer(
+    help="Engines and builders buildfuzz can run.", rich_markup_mode=None
+)
 app.add_typer(builders_app, name="builders")
 
 
@@ -394,6 +490,8 @@ def builders_list() -> None:
         entries = all_entries(load_definitions())
     except BuildfuzzError as error:
         _fail(error)
+    except OSError as error:
+        _fail(_os_error(error))
     table = Table("kind", "name", "version", "usable", "why not")
     for entry in entries:
         table.add_row(
@@ -424,6 +522,8 @@ def doctor(
         checks = run_checks(load_definitions(), load_profile(profile))
     except BuildfuzzError as error:
         _fail(error)
+    except OSError as error:
+        _fail(_os_error(error))
     table = Table("check", "status", "found", "fix")
     for check in checks:
         table.add_row(

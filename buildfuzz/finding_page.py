@@ -50,6 +50,7 @@ def render_finding_readme(
     targets: tuple[Target, ...],
     environment: dict[str, Any],
     log: str,
+    results_name: str = "results",
 ) -> str:
     default = default_case(profile, targets)
     rate = f"{record.reproduced}/{record.attempts} re-runs"
@@ -61,10 +62,9 @@ def render_finding_readme(
         "",
         f"- oracle: {record.oracle}",
         f"- reproduced: {rate}{flaky}",
-        f"- shrunk: {'yes' if record.shrunk else 'no'}"
-        + ("" if record.shrink_complete else " (not fully: the shrink budget ran out)"),
+        f"- shrunk: {'yes' if record.shrunk else 'no'}{_shrink_note(record)}",
         f"- first seen: {record.first_seen}, last seen: {record.last_seen}, "
-        f"seen {record.count} times",
+        f"seen {_times(record.count)}",
         f"- found with profile `{record.profile}`, seed {record.seed}",
         "",
         "## What the failure needs",
@@ -107,9 +107,18 @@ def render_finding_readme(
         "",
         "## Reproduce",
         "",
+        "From the directory that holds the results directory (use",
+        "`./dev.sh replay ...` in a clone of buildfuzz, which sets it up first):",
+        "",
         "```sh",
-        f"buildfuzz replay {record.id}    # on a fresh sandbox engine",
-        "./repro.sh                       # with docker alone, on DOCKER_HOST",
+        f"buildfuzz replay {results_name}/{record.id}   # on a fresh sandbox engine",
+        "```",
+        "",
+        "With docker alone, against the daemon that DOCKER_HOST names (for a",
+        "throw-away one, see `buildfuzz sandbox`):",
+        "",
+        "```sh",
+        f"{results_name}/{record.id}/repro.sh",
         "```",
         "",
         "Dockerfile:",
@@ -132,3 +141,15 @@ def render_finding_readme(
         "",
     ]
     return "\n".join(lines)
+
+
+def _shrink_note(record: FindingRecord) -> str:
+    if record.shrink_complete:
+        return ""
+    if record.shrink_interrupted:
+        return " (not fully: the run was interrupted)"
+    return " (not fully: the shrink budget ran out)"
+
+
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"

@@ -56,6 +56,7 @@ class ShrinkResult:
     explanation: list[AxisReport] = field(default_factory=list)
     shrunk: bool = True  # false when no re-run reproduced the finding
     tries: int = 1  # builds a simplification may take to reproduce
+    interrupted: bool = False  # Ctrl-C or SIGTERM cut shrinking short
 
     @property
     def rate(self) -> float:
@@ -227,6 +228,9 @@ class Fuzzer:
         except KeyboardInterrupt:
             log.warning("interrupted; writing the finding as it is", id=signature.id)
             self.interrupted = self.stopped = True
+            if shrunk is not None:
+                shrunk.interrupted = True
+                shrunk.complete = False
         finally:
             self.phase = "fuzz"
         self.on_finding(FindingEvent(signature, record, shrunk, new=True))
@@ -316,6 +320,7 @@ class Fuzzer:
             reproduced=1,
             attempts=reruns,
             tries=tries,
+            interrupted=self.interrupted,
         )
 
     def _try(

@@ -50,6 +50,7 @@ class FindingRecord:
     seed: int
     profile: str
     flaky: bool = False
+    shrink_interrupted: bool = False
     explanation: list[dict[str, Any]] = field(default_factory=list)
     # Targets ("<engine label>/<builder>") the finding failed on; empty in
     # records written before this field existed.
@@ -94,13 +95,25 @@ class ResultsStore:
     @staticmethod
     def check(root: Path) -> None:
         """Raise ResultsError if ``root`` cannot hold results; changes nothing."""
-        if root.exists() and not root.is_dir():
+        ancestor = root
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir() or (root.exists() and not root.is_dir()):
             raise ResultsError(
-                f"results path {root} is not a directory; give a directory"
+                f"results path {root} is not a directory (or lies under a file); "
+                "give a directory"
             )
         marker = root / FORMAT_FILE
-        if marker.exists():
-            found = marker.read_text().strip()
+        if root.is_dir() and not marker.exists() and any(root.iterdir()):
+            raise ResultsError(
+                f"results directory {root} holds other files and no buildfuzz "
+                "results; give an empty or new directory, or a buildfuzz one"
+            )
+        if marker.exists() or marker.is_symlink():
+            try:
+                found = marker.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                found = "unreadable"
             if found != str(RESULTS_FORMAT):
                 raise ResultsError(
                     f"results directory {root} has format {found!r}, this buildfuzz "

@@ -69,7 +69,8 @@ class RunLog:
 
     def record(self, record: CaseRecord, *, phase: str = "fuzz") -> None:
         if self._stream is None:
-            return
+            self.open()  # on the first case, so a run that fails to start writes none
+        assert self._stream is not None
         evaluation = record.evaluation
         line = {
             "time": time.time(),
@@ -85,6 +86,7 @@ class RunLog:
         self._stream.write(secrets.redact(json.dumps(line, sort_keys=True)) + "\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         if self._stream is not None:
             self._stream.close()
             self._stream = None

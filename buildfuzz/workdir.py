@@ -24,11 +24,15 @@ OWNER_FILE = "owner.pid"
 
 def create_run_dir(base: Path = DEFAULT_BASE) -> Path:
     """Create a private directory for this run, after removing dead runs' ones."""
+    base = base.absolute()  # daemons run in other directories
     try:
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, 0o700)
     except OSError as error:
-        raise SetupError(f"cannot create work directory {base}: {error}") from None
+        raise SetupError(
+            f"cannot create work directory {base}: {error.strerror}; "
+            "give a directory path with --workdir"
+        ) from None
     reap_dead_runs(base)
 
     run_dir = base / f"run-{os.getpid()}-{int(time.time())}"

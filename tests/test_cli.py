@@ -24,6 +24,7 @@ def results(tmp_path: Path) -> Path:
     directory = tmp_path / "results"
     (directory / "abc123").mkdir(parents=True)
     (directory / "abc123" / "finding.json").write_text('{"kept": true}\n')
+    (directory / ".buildfuzz-results").write_text("1\n")
     return directory
 
 
@@ -187,3 +188,37 @@ def subprocess_run(arguments: list[str], environment: dict[str, str]):
         timeout=120,
         check=False,
     )
+
+
+def test_run_rejects_foreign_directory(tmp_path: Path) -> None:
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "data.json").write_text("{}")
+
+    completed = buildfuzz("run", "--budget", "1m", "--results", str(foreign), cwd=REPO)
+
+    assert_clean_error(completed, mentions="holds other files")
+    assert sorted(p.name for p in foreign.iterdir()) == ["data.json"]
+
+
+def test_run_rejects_results_under_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+
+    completed = buildfuzz(
+        "run", "--budget", "1m", "--results", str(tmp_path / "afile" / "sub"), cwd=REPO
+    )
+
+    assert_clean_error(completed, mentions="under a file")
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00", None])
+def test_run_rejects_unreadable_profile(tmp_path: Path, content: bytes | None) -> None:
+    profile = tmp_path / "p.toml"
+    if content is None:
+        profile.mkdir()
+    else:
+        profile.write_bytes(content)
+
+    completed = buildfuzz("run", "--budget", "1m", "--profile", str(profile), cwd=REPO)
+
+    assert_clean_error(completed, mentions=str(profile))

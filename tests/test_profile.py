@@ -228,8 +228,8 @@ def test_invalid_definition_toml_is_rejected(tmp_path: Path) -> None:
             "builder 'x': unknown kind 'kaniko'",
         ),
         (
-            BUILDER_TABLE + '[builders.x]\nkind = "buildx"\ndriver = "remote"\n',
-            "builder 'x': unknown driver 'remote'",
+            BUILDER_TABLE + '[builders.x]\nkind = "buildx"\ndriver = "nosuch"\n',
+            "builder 'x': unknown driver 'nosuch'",
         ),
         (
             BUILDER_TABLE + '[builders.x]\nkind = "buildx"\ndriver = "docker"\n'
