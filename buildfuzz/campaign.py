@@ -2,14 +2,13 @@
 
 import os
 import random
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
 from buildfuzz.errors import (
     EXIT_FINDINGS,
@@ -19,27 +18,23 @@ from buildfuzz.errors import (
     SetupError,
     UsageError,
 )
-from buildfuzz.finding_writer import FindingWriter, WrittenFindings
-from buildfuzz.fuzzer import Fuzzer, Shard, Stats
+from buildfuzz.finding_writer import WrittenFindings
+from buildfuzz.fuzzer import Shard, Stats
 from buildfuzz.install import (
-    CLIENT_TREE,
     builder_problem,
     ensure_installed,
     missing_trees,
 )
-from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile, load_profile
-from buildfuzz.progress import Progress
-from buildfuzz.regression import check_known_findings
 from buildfuzz.replay import ReplayReport, Status
 from buildfuzz.results import (
     ResultsStore,
 )
 from buildfuzz.rules import Rule, load_rules
 from buildfuzz.runlog import RunLog
-from buildfuzz.session import CaseRecord, Session
-from buildfuzz.strategies import Target, cases
+from buildfuzz.strategies import Target
 from buildfuzz.workdir import DEFAULT_BASE, create_run_dir, remove_tree
+from buildfuzz.worker import Claims, WorkerPlan, WorkerResult, run_workers
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +51,7 @@ class RunOptions:
     offline: bool = False
     ci: bool = False
     min_free: int = 2 * 2**30  # bytes free under the work directory to go on
+    jobs: int = 1  # workers in parallel, each with its own engines
     workdir: Path = DEFAULT_BASE
     shard: Shard = Shard(1, 1)
 
@@ -222,7 +218,6 @@ def run_campaign(options: RunOptions) -> RunSummary:
         remove_tree(run_dir)
         raise
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + f"-{seed}"
-    run_log = RunLog(options.results, run_id)
     started = time.monotonic()
     summary = RunSummary(
         seed=seed,
@@ -233,69 +228,39 @@ def run_campaign(options: RunOptions) -> RunSummary:
         results=options.results,
         ci=options.ci,
     )
-    session: Session | None = None
-    fuzzer: Fuzzer | None = None
-
-    progress = Progress(options.budget)
-
-    def on_case(record: CaseRecord) -> None:
-        phase = fuzzer.phase if fuzzer else "fuzz"
-        _log_case(record, phase)
-        run_log.record(record, phase=phase)
-        target = f"{record.case.engine_label}/{record.case.builder}"
-        progress.update(summary.stats, target, summary.distinct_findings)
-
+    shrink_budget = options.shrink_budget or max(60.0, options.budget * 0.25)
+    plans = [
+        WorkerPlan(
+            number=number,
+            shard=_worker_shard(options.shard, number, options.jobs),
+            run_id=run_id if options.jobs == 1 else f"{run_id}-w{number + 1}",
+            run_dir=run_dir / f"w{number + 1}",
+            seed=seed,
+            deadline=started + options.budget,
+            shrink_budget=shrink_budget,
+            check_known=options.ci and number == 0,
+            live_progress=options.jobs == 1 and sys.stderr.isatty(),
+        )
+        for number in range(options.jobs)
+    ]
     log.info(
-        "run started", seed=seed, profile=prepared.profile.name, budget=options.budget
+        "run started",
+        seed=seed,
+        profile=prepared.profile.name,
+        budget=options.budget,
+        jobs=options.jobs,
     )
     try:
-        tools = ClientTools.prepare(tree_path(CLIENT_TREE), run_dir)
-        session = Session(
-            prepared.definitions,
-            tools,
-            run_dir,
-            rules=prepared.rules,
-            build_timeout=options.build_timeout,
-            strict=options.strict,
-            on_case=on_case,
-        )
-        writer = FindingWriter(
-            store,
-            session,
-            tools,
-            profile=prepared.profile,
-            targets=prepared.targets,
-            seed=seed,
-            build_timeout=options.build_timeout,
-        )
-        summary.written = writer.written
-        if options.ci:
-            summary.regressions = check_known_findings(store, session)
-        fuzzer = Fuzzer(
-            cases(prepared.profile, prepared.targets),
-            session.execute,
-            profile=prepared.profile,
-            targets=prepared.targets,
-            seed=seed,
-            known=lambda signature: store.load(signature.id) is not None,
-            on_finding=writer.write,
-            may_continue=lambda: enough_disk(run_dir, options.min_free, summary),
-        )
-        summary.stats = fuzzer.stats
-        shrink_budget = options.shrink_budget or max(60.0, options.budget * 0.25)
-        with progress:
-            fuzzer.run(started + options.budget, shrink_budget, options.shard)
-        summary.interrupted = fuzzer.interrupted
+        results = run_workers(plans, options, prepared, Claims(run_dir / "claims"))
+        _merge(summary, results)
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("run interrupted; stopping engines and writing the summary")
     finally:
         summary.elapsed = time.monotonic() - started
-        if session is not None:
-            session.close()
         remove_tree(run_dir)
         if summary.stats.cases or summary.stats.shrink_builds:
-            run_log.finish(summary.to_dict(run_id))
+            RunLog(options.results, run_id).finish(summary.to_dict(run_id))
         store.close()
 
     log.info(
@@ -307,32 +272,41 @@ def run_campaign(options: RunOptions) -> RunSummary:
     return summary
 
 
-def enough_disk(directory: Path, min_free: int, summary: RunSummary) -> bool:
-    """Return whether ``directory`` has ``min_free`` bytes free; say so when not."""
-    free = shutil.disk_usage(directory).free
-    if free >= min_free:
-        return True
-    if not summary.low_disk:
-        summary.low_disk = True
-        log.warning(
-            "free disk space below --min-free; starting no more cases",
-            free_mib=free // 2**20,
-            min_free_mib=min_free // 2**20,
-            path=str(directory),
-        )
-    return False
+def _worker_shard(shard: Shard, number: int, jobs: int) -> Shard:
+    """Split the run's shard among ``jobs`` workers, disjointly and completely.
+
+    Shard K/N runs the inputs K-1, K-1+N, ...; its worker j of J takes every
+    J-th of those: K-1+N*j, K-1+N*j+N*J, ...
+    """
+    return Shard(shard.index + shard.count * number, shard.count * jobs)
 
 
-def _log_case(record: CaseRecord, phase: str) -> None:
-    evaluation = record.evaluation
-    log.info(
-        "case",
-        phase=phase,  # "fuzz", or "shrink" for builds that shrink a finding
-        case_id=record.case.id,
-        engine=record.case.engine_label,
-        builder=record.case.builder,
-        verdict=str(evaluation.verdict),
-        signature=str(evaluation.signature) if evaluation.signature else None,
-        rule=evaluation.rule,
-        seconds=round(record.result.duration, 2),
-    )
+def _merge(summary: RunSummary, results: list[WorkerResult]) -> None:
+    for result in results:
+        stats = result.stats
+        total = summary.stats
+        total.cases += stats.cases
+        total.passes += stats.passes
+        total.expected += stats.expected
+        total.findings += stats.findings
+        total.shrink_builds += stats.shrink_builds
+        total.skipped += stats.skipped
+        for target, count in stats.per_target.items():
+            total.per_target[target] = total.per_target.get(target, 0) + count
+        for target, verdicts in stats.per_verdict_target.items():
+            merged = total.per_verdict_target.setdefault(target, {})
+            for verdict, count in verdicts.items():
+                merged[verdict] = merged.get(verdict, 0) + count
+        for finding_id in result.written.new:
+            summary.written.new.append(finding_id)
+        for finding_id in result.written.known:
+            if finding_id not in summary.written.known + summary.written.new:
+                summary.written.known.append(finding_id)
+        summary.regressions += result.regressions
+        summary.interrupted = summary.interrupted or result.interrupted
+        summary.low_disk = summary.low_disk or result.low_disk
+    # A signature one worker wrote and another saw again is new, not known.
+    summary.written.known = [
+        finding for finding in summary.written.known
+        if finding not in summary.written.new
+    ]  # fmt: skip

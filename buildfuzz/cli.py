@@ -114,6 +114,12 @@ def run(
             "disjoint cases that together make up the unsharded run."
         ),
     ] = "1/1",
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="Cases run in parallel, each worker on sandbox engines of its own."
+        ),
+    ] = 1,
     min_free: Annotated[
         str,
         typer.Option(
@@ -153,6 +159,8 @@ def run(
     _configure(log_format)
     try:
         secrets.register_environment(secret_env or [])
+        if not 1 <= jobs <= 64:
+            raise UsageError(f"invalid --jobs {jobs}; use a number from 1 to 64")
         if seed is not None and not 0 <= seed < 2**64:
             raise UsageError(f"invalid --seed {seed}; use a number from 0 to 2^64-1")
         options = RunOptions(
@@ -170,6 +178,7 @@ def run(
             shard=Shard.parse(shard),
             ci=ci,
             min_free=parse_size(min_free, option="--min-free"),
+            jobs=jobs,
         )
         summary = run_campaign(options)
         if junit or markdown or html:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from buildfuzz.case import load_case
+from buildfuzz.case import Case, load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.environment import describe
 from buildfuzz.errors import BuildfuzzError
@@ -32,6 +32,11 @@ class WrittenFindings:
 
     new: list[str] = field(default_factory=list)
     known: list[str] = field(default_factory=list)
+
+
+def case_target(case: Case) -> str:
+    """Return the engine and builder a case ran on, such as ``26.1+vfs/classic``."""
+    return f"{case.engine_label}/{case.builder}"
 
 
 class FindingWriter:
@@ -62,6 +67,10 @@ class FindingWriter:
         if not event.new:
             known = self.store.seen_again(signature.id)
             if known is not None:
+                target = case_target(event.original.case)
+                if target not in known.seen_on:
+                    known.seen_on = sorted({*known.seen_on, target})
+                    self.store.save(known)
                 self._refresh_readme(known)
             if signature.id not in self.written.known + self.written.new:
                 self.written.known.append(signature.id)
@@ -95,6 +104,7 @@ class FindingWriter:
             reproduced=shrunk.reproduced if shrunk else 0,
             attempts=shrunk.attempts if shrunk else 0,
             flaky=bool(shrunk and shrunk.flaky),
+            shrink_interrupted=bool(shrunk and shrunk.interrupted),
             seed=self.seed,
             profile=self.profile.name,
             explanation=[
@@ -102,6 +112,7 @@ class FindingWriter:
                  "failing": r.failing, "passing": r.passing}
                 for r in (shrunk.explanation if shrunk else [])
             ],
+            seen_on=sorted({case_target(original.case), case_target(best.case)}),
         )  # fmt: skip
         directory = self.store.write(
             record,
@@ -120,6 +131,7 @@ class FindingWriter:
                     targets=self.targets,
                     environment=environment,
                     log=best.result.log + best.result.load_log,
+                    results_name=self.store.root.name,
                 ),
             },
         )
@@ -149,5 +161,6 @@ class FindingWriter:
             targets=self.targets,
             environment=environment,
             log=log_text,
+            results_name=self.store.root.name,
         )
         write_atomic(directory / "README.md", page)

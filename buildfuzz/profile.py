@@ -105,6 +105,12 @@ def load_profile(name: str) -> Profile:
         ) from None
     except tomllib.TOMLDecodeError as error:
         raise DataFileError(path, f"invalid TOML: {error}") from None
+    except UnicodeDecodeError:
+        raise DataFileError(path, "not a text file; a profile is UTF-8 TOML") from None
+    except OSError as error:
+        raise DataFileError(
+            path, f"cannot read profile: {error.strerror}; give a profile file"
+        ) from None
 
     try:
         return _profile_from_dict(path, data)

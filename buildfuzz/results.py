@@ -29,6 +29,9 @@ from buildfuzz.errors import ResultsError
 RESULTS_FORMAT = 1
 FORMAT_FILE = ".buildfuzz-results"
 LOCK_FILE = ".lock"
+# Files a new results directory may already hold: the repository's own
+# results/README.md explains the directory.
+ALLOWED_FOREIGN = frozenset({"README.md", ".gitignore", ".gitkeep"})
 
 
 @dataclass
@@ -104,7 +107,12 @@ class ResultsStore:
                 "give a directory"
             )
         marker = root / FORMAT_FILE
-        if root.is_dir() and not marker.exists() and any(root.iterdir()):
+        others = (
+            [p for p in root.iterdir() if p.name not in ALLOWED_FOREIGN]
+            if root.is_dir()
+            else []
+        )
+        if not marker.exists() and others:
             raise ResultsError(
                 f"results directory {root} holds other files and no buildfuzz "
                 "results; give an empty or new directory, or a buildfuzz one"

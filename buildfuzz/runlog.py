@@ -85,6 +85,11 @@ class RunLog:
         }
         self._stream.write(secrets.redact(json.dumps(line, sort_keys=True)) + "\n")
 
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
     def finish(self, summary: dict[str, Any]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._stream is not None:

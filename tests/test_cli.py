@@ -222,3 +222,19 @@ def test_run_rejects_unreadable_profile(tmp_path: Path, content: bytes | None) -
     completed = buildfuzz("run", "--budget", "1m", "--profile", str(profile), cwd=REPO)
 
     assert_clean_error(completed, mentions=str(profile))
+
+
+def test_run_accepts_directory_with_readme(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "README.md").write_text("findings go here\n")
+
+    environment = {**os.environ, "BUILDFUZZ_CACHE": str(tmp_path / "empty-cache")}
+
+    # The results check comes before the check for the cache, which fails.
+    completed = subprocess_run(
+        ["run", "--budget", "1m", "--offline", "--results", str(results)], environment
+    )
+
+    assert "holds other files" not in completed.stderr
+    assert "buildfuzz setup" in completed.stderr

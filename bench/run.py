@@ -1,0 +1,321 @@
+"""Measure buildfuzz's overhead, throughput and costs against plain tools.
+
+Run as root from the repository after the README set-up:
+
+    .venv/bin/python bench/run.py            # everything, about 12 minutes
+    .venv/bin/python bench/run.py --quick    # shorter runs, about 4 minutes
+
+It prints a table of every figure with its goal and writes
+bench/results.json. Each ratio compares buildfuzz with the plain tool on
+the same machine in the same run; nothing here is a pass/fail test.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from buildfuzz.build import BuildResult, CaseRunner  # noqa: E402
+from buildfuzz.case import Case, ContextFile, FileKind, Output  # noqa: E402
+from buildfuzz.client import ClientTools  # noqa: E402
+from buildfuzz.context import materialize  # noqa: E402
+from buildfuzz.definitions import load_definitions  # noqa: E402
+from buildfuzz.engine import SandboxEngine  # noqa: E402
+from buildfuzz.fuzzer import Fuzzer  # noqa: E402
+from buildfuzz.install import (  # noqa: E402
+    CLIENT_TREE,
+    engine_tree_name,
+    ensure_installed,
+)
+from buildfuzz.minimize import default_case  # noqa: E402
+from buildfuzz.packages import tree_path  # noqa: E402
+from buildfuzz.profile import load_profile  # noqa: E402
+from buildfuzz.session import CaseRecord  # noqa: E402
+from buildfuzz.signature import Phase, Signature  # noqa: E402
+from buildfuzz.strategies import Target, cases  # noqa: E402
+from buildfuzz.verdict import Evaluation, Oracle, Verdict  # noqa: E402
+from buildfuzz.workdir import create_run_dir, remove_tree  # noqa: E402
+
+ENGINE = "26.1"
+BENCH_CASE = Case(
+    files=tuple(ContextFile(f"f{i}", size=4096, seed=i) for i in range(20)),
+    dockerfile=("FROM scratch", "COPY . /ctx/"),
+    builder="buildx-docker",
+    output=Output.LOAD,
+)
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def measure_overhead(run_dir: Path, builds: int) -> dict[str, float]:
+    """N identical builds through buildfuzz versus a plain shell loop."""
+    definitions = load_definitions()
+    engine = SandboxEngine(
+        definitions.engines[ENGINE], tree_path(engine_tree_name(ENGINE)), run_dir
+    )
+    started = time.perf_counter()
+    engine.start()
+    ready = time.perf_counter() - started
+    try:
+        tools = ClientTools.prepare(tree_path(CLIENT_TREE), run_dir)
+        runner = CaseRunner(
+            tools.docker(engine.host), definitions.builders, run_dir / "c", timeout=300
+        )
+        results: list[BuildResult] = []
+        runner.run(BENCH_CASE)  # warm the builder's cache for both sides
+        fuzzed = timed(
+            lambda: results.extend(runner.run(BENCH_CASE) for _ in range(builds))
+        )
+
+        context = materialize(BENCH_CASE, run_dir / "plain")
+        script = (
+            f'for i in $(seq {builds}); do "{tools.cli}" buildx build --progress plain '
+            f"--network none --load -t buildfuzz-case:latest {context} "
+            "> /dev/null 2>&1 || exit 1; done"
+        )
+        environment = {**os.environ, "DOCKER_HOST": engine.host,
+                       "DOCKER_CONFIG": str(tools.config_dir)}  # fmt: skip
+        plain = timed(
+            lambda: subprocess.run(["bash", "-c", script], env=environment, check=True)
+        )
+    finally:
+        engine.stop()
+    failed = sum(not r.succeeded for r in results)
+    return {
+        "builds": builds,
+        "buildfuzz_seconds": round(fuzzed, 2),
+        "plain_seconds": round(plain, 2),
+        "overhead_ratio": round(fuzzed / plain, 3),
+        "failed_builds": failed,
+        "engine_ready_seconds": round(ready, 2),
+    }
+
+
+def measure_throughput(seconds: int, jobs: int, workdir: Path) -> dict[str, float]:
+    """Builds per minute of the default profile with ``jobs`` workers."""
+    results = Path(tempfile.mkdtemp(prefix="bench-results-"))
+    command = [
+        sys.executable, "-m", "buildfuzz", "run", "--budget", f"{seconds}s",
+        "--seed", "1", "--jobs", str(jobs), "--results", str(results),
+        "--workdir", str(workdir), "--log-format", "json",
+    ]  # fmt: skip
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    summary = next(iter(sorted(results.glob("runs/*.json"))), None)
+    data = json.loads(summary.read_text()) if summary else {}
+    shutil.rmtree(results, ignore_errors=True)
+    return {
+        "jobs": jobs,
+        "exit_code": completed.returncode,
+        "builds_per_minute": data.get("builds_per_minute", 0.0),
+        "cases": data.get("cases", 0),
+    }
+
+
+def measure_materialisation(base: Path, files: int) -> dict[str, float]:
+    """Time writing many small files and a few large ones, against cp -a."""
+    small = Case(
+        files=tuple(
+            ContextFile(f"d{i // 1000}/f{i}", size=100, seed=i) for i in range(files)
+        )
+    )
+    large = Case(
+        files=tuple(ContextFile(f"big{i}", size=64 * 2**20, seed=i) for i in range(8))
+    )
+    figures: dict[str, float] = {}
+    for name, case in (("many_small", small), ("large", large)):
+        figures.update(_time_against_copy(base, name, case))
+
+    sparse = base / "sparse"
+    sparse.mkdir()
+    with (sparse / "huge").open("wb") as stream:
+        stream.truncate(8 * 2**30)
+    figures["sparse_8gib_blocks_bytes"] = os.stat(sparse / "huge").st_blocks * 512
+    shutil.rmtree(sparse)
+    return figures
+
+
+def _time_against_copy(base: Path, name: str, case: Case) -> dict[str, float]:
+    target = base / name
+    copy = base / f"{name}.cp"
+    seconds = timed(lambda: materialize(case, target))
+    copy_seconds = timed(
+        lambda: subprocess.run(["cp", "-a", str(target), str(copy)], check=True)
+    )
+    total = sum(entry.size for entry in case.files)
+    shutil.rmtree(target)
+    shutil.rmtree(copy)
+    return {
+        f"{name}_files": len(case.files),
+        f"{name}_files_per_second": round(len(case.files) / seconds),
+        f"{name}_bytes_per_second": round(total / seconds),
+        f"{name}_seconds": round(seconds, 2),
+        f"{name}_cp_a_seconds": round(copy_seconds, 2),
+        f"{name}_ratio_to_cp_a": round(seconds / copy_seconds, 3),
+    }
+
+
+def measure_shrinking() -> dict[str, float]:
+    """Builds to shrink a planted finding that needs two axes, and 1-minimality."""
+    profile = load_profile("default")
+    targets = (
+        Target(ENGINE, "buildx-docker", (Output.LOAD, Output.TAR, Output.LOCAL)),
+        Target(ENGINE, "classic", (Output.LOAD,)),
+    )
+    planted = Signature(Phase.SOLVE, "planted")
+
+    def fails(case: Case) -> bool:
+        setuid = any(f.kind is FileKind.FILE and f.mode & 0o4000 for f in case.files)
+        return case.output is Output.TAR and setuid
+
+    def execute(case: Case) -> CaseRecord:
+        result = BuildResult(exit_status=int(fails(case)), log="", duration=0.0)
+        if not fails(case):
+            return CaseRecord(case, result, Evaluation(Verdict.PASS))
+        return CaseRecord(
+            case, result, Evaluation(Verdict.FINDING, planted, Oracle.BUILD_ERROR)
+        )
+
+    events: list = []
+    fuzzer = Fuzzer(
+        cases(profile, targets),
+        execute,
+        profile=profile,
+        targets=targets,
+        seed=3,
+        known=lambda s: any(e.signature == s for e in events),
+        on_finding=events.append,
+    )
+    fuzzer.run(time.monotonic() + 20, 20)
+    shrunk = next(e.shrunk for e in events if e.new)
+    case = shrunk.case
+    default = default_case(profile, targets)
+    # 1-minimal: undoing the setuid bit or the tar output must make it pass.
+    undo_mode = replace(case, files=tuple(replace(f, mode=0o644) for f in case.files))
+    undo_output = replace(case, output=default.output)
+    return {
+        "shrink_builds": shrunk.builds,
+        "one_minimal": not fails(undo_mode) and not fails(undo_output),
+        "files_left": len(case.files),
+    }
+
+
+def measure_setup() -> dict[str, float]:
+    """A second set-up reuses everything: nothing downloaded or rebuilt."""
+    definitions = load_definitions()
+    cache = Path.home() / ".cache" / "buildfuzz"
+    before = {p: p.stat().st_mtime for p in cache.glob("apt/*/debs/*.deb")}
+    seconds = timed(lambda: ensure_installed(definitions, sorted(definitions.engines)))
+    after = {p: p.stat().st_mtime for p in cache.glob("apt/*/debs/*.deb")}
+    return {
+        "second_setup_seconds": round(seconds, 2),
+        "debs_changed": int(before != after),
+    }
+
+
+def measure_memory(workdir: Path, seconds: int) -> dict[str, float]:
+    """Peak resident size of the buildfuzz process during a run."""
+    results = Path(tempfile.mkdtemp(prefix="bench-mem-"))
+    process = psutil.Popen(
+        [sys.executable, "-m", "buildfuzz", "run", "--budget", f"{seconds}s",
+         "--results", str(results), "--workdir", str(workdir)],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    peak = 0
+    while process.poll() is None:
+        try:
+            peak = max(peak, process.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.2)
+    shutil.rmtree(results, ignore_errors=True)
+    return {"peak_rss_mib": round(peak / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    arguments = parser.parse_args()
+    quick = arguments.quick
+    if os.geteuid() != 0:
+        sys.exit("bench/run.py: run as root (it starts Docker daemons)")
+
+    base = Path(tempfile.mkdtemp(prefix="bfb-", dir="/var/tmp"))
+    run_dir = create_run_dir(base)
+    figures: dict[str, object] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        }
+    }
+    try:
+        figures["setup"] = measure_setup()
+        figures["overhead"] = measure_overhead(run_dir, 20 if quick else 60)
+        figures["materialisation"] = measure_materialisation(
+            base, 20_000 if quick else 100_000
+        )
+        figures["shrinking"] = measure_shrinking()
+        seconds = 60 if quick else 180
+        figures["throughput_jobs1"] = measure_throughput(seconds, 1, base / "t1")
+        figures["throughput_jobs2"] = measure_throughput(seconds, 2, base / "t2")
+        figures["memory"] = measure_memory(base / "m", 30 if quick else 90)
+    finally:
+        remove_tree(run_dir)
+        remove_tree(base)
+
+    one = figures["throughput_jobs1"]["builds_per_minute"] or 1  # type: ignore[index]
+    two = figures["throughput_jobs2"]["builds_per_minute"]  # type: ignore[index]
+    figures["jobs2_speedup"] = round(two / one, 2)
+    (REPO / "bench" / "results.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print_table(figures)
+
+
+def print_table(figures: dict) -> None:
+    rows = [
+        ("overhead ratio (buildfuzz / plain loop)",
+         figures["overhead"]["overhead_ratio"], "<= 1.10"),
+        ("builds per minute, --jobs 1",
+         figures["throughput_jobs1"]["builds_per_minute"], ""),
+        ("builds per minute, --jobs 2",
+         figures["throughput_jobs2"]["builds_per_minute"], ""),
+        ("--jobs 2 speed-up", figures["jobs2_speedup"], ">= 1.6"),
+        ("many small files: time / cp -a",
+         figures["materialisation"]["many_small_ratio_to_cp_a"], "<= 1.0"),
+        ("large files: time / cp -a",
+         figures["materialisation"]["large_ratio_to_cp_a"], "<= 1.0"),
+        ("8 GiB sparse file, bytes on disk",
+         figures["materialisation"]["sparse_8gib_blocks_bytes"], "about 0"),
+        ("builds to shrink a two-axis finding",
+         figures["shrinking"]["shrink_builds"], "<= 60"),
+        ("shrunk case is 1-minimal", figures["shrinking"]["one_minimal"], "True"),
+        ("engine ready (seconds)", figures["overhead"]["engine_ready_seconds"], ""),
+        ("second set-up (seconds)", figures["setup"]["second_setup_seconds"], ""),
+        ("second set-up downloads", figures["setup"]["debs_changed"], "0"),
+        ("peak RSS of buildfuzz (MiB)", figures["memory"]["peak_rss_mib"], "<= 300"),
+    ]  # fmt: skip
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'figure':<{width}}  {'value':>12}  goal")
+    for name, value, goal in rows:
+        print(f"{name:<{width}}  {value!s:>12}  {goal}")
+
+
+if __name__ == "__main__":
+    main()

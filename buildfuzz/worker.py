@@ -1,0 +1,233 @@
+"""One fuzzing worker: its own sandbox engines, fuzzing one shard of a run.
+
+``buildfuzz run --jobs N`` forks N workers. Each has its own run
+directory, daemons and run record; all write findings into the same
+results directory (every file is written atomically, and a finding
+directory belongs to the worker that claimed its signature first).
+"""
+
+import fcntl
+import multiprocessing
+import os
+import queue as queue_module
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from buildfuzz.client import ClientTools
+from buildfuzz.finding_writer import FindingWriter, WrittenFindings
+from buildfuzz.fuzzer import FindingEvent, Fuzzer, Stats
+from buildfuzz.install import CLIENT_TREE
+from buildfuzz.packages import tree_path
+from buildfuzz.progress import Progress
+from buildfuzz.regression import check_known_findings
+from buildfuzz.replay import ReplayReport
+from buildfuzz.results import ResultsStore
+from buildfuzz.runlog import RunLog
+from buildfuzz.session import CaseRecord, Session
+from buildfuzz.shard import Shard
+from buildfuzz.strategies import cases
+from buildfuzz.workdir import remove_tree
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class WorkerResult:
+    stats: Stats = field(default_factory=Stats)
+    written: WrittenFindings = field(default_factory=WrittenFindings)
+    regressions: list[ReplayReport] = field(default_factory=list)
+    interrupted: bool = False
+    low_disk: bool = False
+
+
+@dataclass
+class WorkerPlan:
+    """Everything a worker needs; plain data, so a forked process can use it."""
+
+    number: int  # 0 for the only worker of --jobs 1
+    shard: Shard
+    run_id: str
+    run_dir: Path
+    seed: int
+    deadline: float  # time.monotonic() when no new case may start
+    shrink_budget: float
+    check_known: bool  # the CI mode's replay of known findings
+    live_progress: bool
+
+
+def run_worker(
+    plan: WorkerPlan, options: Any, prepared: Any, claims: "Claims"
+) -> WorkerResult:
+    """Fuzz ``plan.shard`` until the deadline; return what happened."""
+    result = WorkerResult()
+    store = ResultsStore(options.results)  # the parent holds the lock
+    run_log = RunLog(options.results, plan.run_id)
+    session: Session | None = None
+    fuzzer: Fuzzer | None = None
+    progress = Progress(options.budget, live=plan.live_progress)
+
+    def on_case(record: CaseRecord) -> None:
+        phase = fuzzer.phase if fuzzer else "fuzz"
+        log_case(record, phase)
+        run_log.record(record, phase=phase)
+        target = f"{record.case.engine_label}/{record.case.builder}"
+        findings = len(result.written.new) + len(result.written.known)
+        progress.update(result.stats, target, findings)
+
+    def known(signature: Any) -> bool:
+        if store.load(signature.id) is not None:
+            return True
+        return not claims.claim(signature.id)
+
+    try:
+        tools = ClientTools.prepare(tree_path(CLIENT_TREE), plan.run_dir)
+        session = Session(
+            prepared.definitions,
+            tools,
+            plan.run_dir,
+            rules=prepared.rules,
+            build_timeout=options.build_timeout,
+            strict=options.strict,
+            on_case=on_case,
+        )
+        writer = FindingWriter(
+            store,
+            session,
+            tools,
+            profile=prepared.profile,
+            targets=prepared.targets,
+            seed=plan.seed,
+            build_timeout=options.build_timeout,
+        )
+        result.written = writer.written
+        if plan.check_known:
+            result.regressions = check_known_findings(store, session)
+        fuzzer = Fuzzer(
+            cases(prepared.profile, prepared.targets),
+            session.execute,
+            profile=prepared.profile,
+            targets=prepared.targets,
+            seed=plan.seed,
+            known=known,
+            on_finding=_locked(writer.write, claims),
+            may_continue=lambda: _enough_disk(plan.run_dir, options.min_free, result),
+        )
+        result.stats = fuzzer.stats
+        with progress:
+            fuzzer.run(plan.deadline, plan.shrink_budget, plan.shard)
+        result.interrupted = fuzzer.interrupted
+    except KeyboardInterrupt:
+        result.interrupted = True
+        log.warning("run interrupted; stopping engines", worker=plan.number)
+    finally:
+        if session is not None:
+            session.close()
+        remove_tree(plan.run_dir)
+        run_log.close()
+    return result
+
+
+def _locked(
+    write: Callable[[FindingEvent], None], claims: "Claims"
+) -> Callable[[FindingEvent], None]:
+    def locked_write(event: FindingEvent) -> None:
+        with claims.lock():  # counts of a known finding are read, changed, written
+            write(event)
+
+    return locked_write
+
+
+def _enough_disk(directory: Path, min_free: int, result: WorkerResult) -> bool:
+    import shutil
+
+    free = shutil.disk_usage(directory).free
+    if free >= min_free:
+        return True
+    if not result.low_disk:
+        result.low_disk = True
+        log.warning(
+            "free disk space below --min-free; starting no more cases",
+            free_mib=free // 2**20,
+            min_free_mib=min_free // 2**20,
+            path=str(directory),
+        )
+    return False
+
+
+def log_case(record: CaseRecord, phase: str) -> None:
+    evaluation = record.evaluation
+    log.info(
+        "case",
+        phase=phase,  # "fuzz", or "shrink" for builds that shrink a finding
+        case_id=record.case.id,
+        engine=record.case.engine_label,
+        builder=record.case.builder,
+        verdict=str(evaluation.verdict),
+        signature=str(evaluation.signature) if evaluation.signature else None,
+        rule=evaluation.rule,
+        seconds=round(record.result.duration, 2),
+    )
+
+
+class Claims:
+    """Which worker shrinks which new signature, and a lock for shared records.
+
+    A claim is a file created with O_EXCL, so exactly one process wins it,
+    without a manager process that a Ctrl-C could take down.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, signature_id: str) -> bool:
+        try:
+            fd = os.open(self.directory / signature_id, os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        os.close(fd)
+        return True
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        fd = os.open(self.directory / ".lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def run_workers(
+    plans: list[WorkerPlan], options: Any, prepared: Any, claims: Claims
+) -> list[WorkerResult]:
+    """Run one worker in this process, or several forked ones in parallel."""
+    if len(plans) == 1:
+        return [run_worker(plans[0], options, prepared, claims)]
+
+    context = multiprocessing.get_context("fork")
+    queue: Any = context.Queue()
+
+    def work(plan: WorkerPlan) -> None:
+        queue.put(run_worker(plan, options, prepared, claims))
+
+    processes = [context.Process(target=work, args=(plan,)) for plan in plans]
+    for process in processes:
+        process.start()
+    results: list[WorkerResult] = []
+    while len(results) < len(processes):
+        try:
+            results.append(queue.get(timeout=1))
+        except queue_module.Empty:
+            if not any(p.is_alive() for p in processes) and queue.empty():
+                break  # a worker died without a result
+        except KeyboardInterrupt:
+            continue  # the workers got the signal too; wait for their clean-up
+    for process in processes:
+        process.join()
+    return results
