@@ -33,12 +33,13 @@ from typing import Any
 import structlog
 from python_on_whales import DockerClient
 
+from buildfuzz.certs import TlsFiles
 from buildfuzz.engine import CLOSED_PROXY, MAX_SOCKET_PATH
 from buildfuzz.errors import DataFileError, EngineError, SetupError
 from buildfuzz.install import BUSYBOX_TREE, engine_tree_name
 from buildfuzz.packages import tree_path
 from buildfuzz.paths import builders_dir, cache_root
-from buildfuzz.registry import LoopbackRegistry
+from buildfuzz.registry import LoopbackRegistry, free_port
 from buildfuzz.workdir import kill_processes_under, remove_tree
 
 log = structlog.get_logger(__name__)
@@ -455,9 +456,20 @@ class HostBuildkitd:
     tree and the host network (or none), because there is no CNI set-up.
     """
 
-    def __init__(self, version: str, base: Path, config_text: str = "") -> None:
+    def __init__(
+        self,
+        version: str,
+        base: Path,
+        config_text: str = "",
+        *,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.version = version
         self.config_text = config_text
+        # With TLS files, buildkitd listens on TCP on 127.0.0.1 as well and
+        # requires client certificates signed by tls.cacert.
+        self.tls = tls
+        self.tcp_port = free_port() if tls is not None else 0
         self.directory = base / f"buildkitd-{version}"
         self.socket = self.directory / "buildkitd.sock"
         self.log_path = self.directory / "buildkitd.log"
@@ -466,6 +478,10 @@ class HostBuildkitd:
     @property
     def address(self) -> str:
         return f"unix://{self.socket}"
+
+    @property
+    def tcp_address(self) -> str:
+        return f"tcp://127.0.0.1:{self.tcp_port}"
 
     def start(self) -> None:
         if os.geteuid() != 0:
@@ -495,6 +511,13 @@ class HostBuildkitd:
             "--containerd-worker=false",
             "--oci-worker-net=host",
         ]
+        if self.tls is not None:
+            command += [
+                f"--addr={self.tcp_address}",
+                f"--tlscacert={self.tls.cacert}",
+                f"--tlscert={self.tls.cert}",
+                f"--tlskey={self.tls.key}",
+            ]
 
         started = time.monotonic()
         with self.log_path.open("wb") as log_file:

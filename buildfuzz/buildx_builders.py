@@ -69,6 +69,8 @@ class BuilderPool:
             )
 
         registry = self._ensure_registry(docker)
+        # NOTE: an existing remote buildkitd keeps its own configuration, so
+        # it finds the busybox base only if it mirrors "localhost" itself.
         name = "bf-" + hashlib.sha256("/".join(key).encode()).hexdigest()[:10]
         config = self.run_dir / f"{name}.toml"
         config.write_text(mirror_config(registry, definition.buildkitd_config))
@@ -81,6 +83,25 @@ class BuilderPool:
                     driver_options=container_driver_options(image),
                     buildkitd_flags=" ".join(definition.buildkitd_flags) or None,
                     config=config,
+                    bootstrap=True,
+                )
+            elif definition.endpoint:
+                # An existing buildkitd: buildx only gets an entry in the
+                # private configuration, and the daemon is never stopped.
+                options = {
+                    key: value
+                    for key, value in (
+                        ("cacert", definition.cacert),
+                        ("cert", definition.cert),
+                        ("key", definition.key),
+                    )
+                    if value
+                }
+                docker.buildx.create(
+                    definition.endpoint,
+                    name=name,
+                    driver="remote",
+                    driver_options=options,
                     bootstrap=True,
                 )
             else:

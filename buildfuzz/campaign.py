@@ -15,6 +15,7 @@ from buildfuzz.errors import (
     EXIT_INTERRUPTED,
     EXIT_KNOWN_FINDINGS,
     EXIT_OK,
+    EngineError,
     SetupError,
     UsageError,
 )
@@ -253,6 +254,9 @@ def run_campaign(options: RunOptions) -> RunSummary:
     try:
         results = run_workers(plans, options, prepared, Claims(run_dir / "claims"))
         _merge(summary, results)
+        errors = [result.error for result in results if result.error]
+        if errors and not summary.stats.cases:
+            raise EngineError(errors[0])
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("run interrupted; stopping engines and writing the summary")

@@ -4,6 +4,7 @@ Exit codes: 0 no findings (or, for replay, reproduced), 1 findings (or not
 reproduced), 2 usage or environment error, 130 interrupted.
 """
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -56,6 +57,19 @@ def _os_error(error: OSError) -> SetupError:
     """Turn an unexpected file-system error into one line that names the path."""
     where = f"{error.filename}: " if error.filename else ""
     return SetupError(f"{where}{error.strerror or error}")
+
+
+def _add_builder_files(paths: list[Path]) -> None:
+    """Make load_definitions read ``paths`` too, here and in worker processes."""
+    from buildfuzz.definitions import EXTRA_BUILDERS_VARIABLE
+
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"--builders-file {path}: file not found")
+    if paths:
+        known = [os.environ.get(EXTRA_BUILDERS_VARIABLE, "")]
+        joined = ":".join([*filter(None, known), *(str(p.absolute()) for p in paths)])
+        os.environ[EXTRA_BUILDERS_VARIABLE] = joined
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -144,6 +158,14 @@ def run(
     html: Annotated[
         Path | None, typer.Option(help="Write the HTML report here at the end.")
     ] = None,
+    builders_file: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--builders-file",
+            help="TOML file with more [builders.NAME] tables, such as remote "
+            "buildkitd endpoints with TLS. Repeat for several.",
+        ),
+    ] = None,
     secret_env: SecretEnv = None,
     log_format: LogFormat = "console",
     workdir: Workdir = DEFAULT_BASE,
@@ -159,6 +181,7 @@ def run(
     _configure(log_format)
     try:
         secrets.register_environment(secret_env or [])
+        _add_builder_files(builders_file or [])
         if not 1 <= jobs <= 64:
             raise UsageError(f"invalid --jobs {jobs}; use a number from 1 to 64")
         if seed is not None and not 0 <= seed < 2**64:

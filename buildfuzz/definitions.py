@@ -1,5 +1,6 @@
 """Engine, client and builder definitions read from ``builders/``."""
 
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from buildfuzz.errors import DataFileError
 from buildfuzz.paths import builders_dir
 
 BUILDER_KINDS = ("classic", "buildx")
+EXTRA_BUILDERS_VARIABLE = "BUILDFUZZ_BUILDERS"
 BUILDX_DRIVERS = ("docker", "docker-container", "remote", "kubernetes")
 
 
@@ -47,6 +49,11 @@ class BuilderDefinition:
     buildkit: str = ""  # a version from builders/buildkit.toml, for built images
     buildkitd_flags: tuple[str, ...] = ()
     buildkitd_config: str = ""  # TOML appended to the builder's buildkitd.toml
+    # An existing buildkitd for the remote driver; buildfuzz never stops it.
+    endpoint: str = ""
+    cacert: str = ""
+    cert: str = ""
+    key: str = ""
 
     @property
     def classic(self) -> bool:
@@ -87,7 +94,35 @@ def load_definitions(directory: Path | None = None) -> Definitions:
     except (TypeError, ValueError, KeyError) as error:
         raise DataFileError(builders_path, _describe(error)) from None
 
+    for path in extra_builder_files():
+        builders.update(_extra_builders(path, builders))
     return Definitions(engines=engines, client=client, builders=builders)
+
+
+def extra_builder_files() -> list[Path]:
+    """Files named in BUILDFUZZ_BUILDERS (colon-separated) with more builders.
+
+    They hold [builders.NAME] tables like builders/builders.toml, for
+    builders of one machine, such as remote buildkitd endpoints.
+    """
+    value = os.environ.get(EXTRA_BUILDERS_VARIABLE, "")
+    return [Path(part) for part in value.split(":") if part]
+
+
+def _extra_builders(
+    path: Path, existing: dict[str, BuilderDefinition]
+) -> dict[str, BuilderDefinition]:
+    data = _read(path)
+    try:
+        added = {
+            name: _builder(name, raw) for name, raw in _table(data, "builders").items()
+        }
+    except (TypeError, ValueError, KeyError) as error:
+        raise DataFileError(path, _describe(error)) from None
+    clash = sorted(set(added) & set(existing))
+    if clash:
+        raise DataFileError(path, f"builder {clash[0]!r} is already defined")
+    return added
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -151,7 +186,7 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
 
 def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
     keys = {"description", "kind", "driver", "outputs", "buildkit"}
-    keys |= {"buildkitd_flags", "buildkitd_config"}
+    keys |= {"buildkitd_flags", "buildkitd_config", "endpoint", "cacert", "cert", "key"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"builder {name!r}: unknown key {unknown[0]!r}")
@@ -166,10 +201,15 @@ def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
             f"builder {name!r}: unknown driver {driver!r}; "
             f"use {', '.join(BUILDX_DRIVERS)}"
         )
-    if driver in ("docker-container", "remote") and not raw.get("buildkit"):
+    if driver == "docker-container" and not raw.get("buildkit"):
         raise ValueError(
             f"builder {name!r}: the {driver} driver needs buildkit = VERSION, "
             "one of the versions in builders/buildkit.toml"
+        )
+    if driver == "remote" and bool(raw.get("buildkit")) == bool(raw.get("endpoint")):
+        raise ValueError(
+            f"builder {name!r}: the remote driver needs either buildkit = VERSION "
+            "(a buildkitd that buildfuzz starts) or endpoint = URL (an existing one)"
         )
     outputs = []
     for value in raw.get("outputs", ["load"]):
@@ -191,6 +231,10 @@ def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
             _names(raw.get("buildkitd_flags", []), "buildkitd_flags")
         ),
         buildkitd_config=str(raw.get("buildkitd_config", "")),
+        endpoint=str(raw.get("endpoint", "")),
+        cacert=str(raw.get("cacert", "")),
+        cert=str(raw.get("cert", "")),
+        key=str(raw.get("key", "")),
     )
 
 

@@ -35,6 +35,8 @@ from buildfuzz.workdir import remove_tree
 
 log = structlog.get_logger(__name__)
 
+MAX_SKIPPED_FIRST = 200  # skipped cases before the first build that end a run
+
 
 @dataclass
 class WorkerResult:
@@ -43,6 +45,7 @@ class WorkerResult:
     regressions: list[ReplayReport] = field(default_factory=list)
     interrupted: bool = False
     low_disk: bool = False
+    error: str = ""  # why no case could run, when none could
 
 
 @dataclass
@@ -115,7 +118,10 @@ def run_worker(
             seed=plan.seed,
             known=known,
             on_finding=_locked(writer.write, claims),
-            may_continue=lambda: _enough_disk(plan.run_dir, options.min_free, result),
+            may_continue=lambda: (
+                _enough_disk(plan.run_dir, options.min_free, result)
+                and _some_case_runs(session, result)
+            ),
         )
         result.stats = fuzzer.stats
         with progress:
@@ -140,6 +146,22 @@ def _locked(
             write(event)
 
     return locked_write
+
+
+def _some_case_runs(session: Session | None, result: WorkerResult) -> bool:
+    """Return False once many cases in a row were skipped and none ran."""
+    stats = result.stats
+    if stats.cases or stats.skipped < MAX_SKIPPED_FIRST or session is None:
+        return True
+    reasons = sorted(set(session.unusable.values()))
+    result.error = (
+        f"no case could run: {stats.skipped} were skipped because their engine "
+        f"or builder could not start; the first reason: {reasons[0][:400]}"
+        if reasons
+        else f"no case could run: {stats.skipped} were skipped"
+    )
+    log.error("stopping: no case could run", skipped=stats.skipped)
+    return False
 
 
 def _enough_disk(directory: Path, min_free: int, result: WorkerResult) -> bool:
