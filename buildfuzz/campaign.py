@@ -4,12 +4,12 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
 
-from buildfuzz.definitions import Definitions, load_definitions
+from buildfuzz.definitions import Definitions, EngineDefinition, load_definitions
 from buildfuzz.errors import (
     EXIT_FINDINGS,
     EXIT_INTERRUPTED,
@@ -39,6 +39,8 @@ from buildfuzz.worker import Claims, WorkerPlan, WorkerResult, run_workers
 
 log = structlog.get_logger(__name__)
 
+HOST_ENGINE = "host"  # the name of the engine that --engine-host gives
+
 
 @dataclass
 class RunOptions:
@@ -53,6 +55,7 @@ class RunOptions:
     ci: bool = False
     min_free: int = 2 * 2**30  # bytes free under the work directory to go on
     jobs: int = 1  # workers in parallel, each with its own engines
+    engine_host: str | None = None  # an existing daemon to use instead of engines
     workdir: Path = DEFAULT_BASE
     shard: Shard = Shard(1, 1)
 
@@ -152,6 +155,18 @@ def prepare(options: RunOptions) -> Prepared:
     definitions = load_definitions()
     rules = load_rules(profile.rules)
     ResultsStore.check(options.results)
+    if options.engine_host:
+        # Every case runs on the daemon the user named, as engine "host".
+        definitions.engines[HOST_ENGINE] = EngineDefinition(
+            name=HOST_ENGINE,
+            description=f"the existing daemon at {options.engine_host}",
+            storage_driver="",
+            packages=(),
+            storage_drivers=(),
+            source="external",
+            host=options.engine_host,
+        )
+        profile = replace(profile, engines=(HOST_ENGINE,))
 
     for engine in profile.engines:
         if engine not in definitions.engines:
@@ -175,10 +190,18 @@ def prepare(options: RunOptions) -> Prepared:
             definitions.builders[builder].outputs,
             storage_drivers=definitions.engines[engine].storage_drivers,
             containerd_store=definitions.engines[engine].containerd_store,
+            limits=definitions.engines[engine].sandboxed,
         )
         for engine in profile.engines
         for builder in builders
+        if _fits_engine(definitions, engine, builder)
     )
+    if not targets:
+        raise UsageError(
+            f"profile {profile.name}: none of its builders can run on its engines; "
+            "an existing daemon needs builders of the docker-container or remote "
+            "driver, such as container-v0-34"
+        )
 
     missing = missing_trees(definitions, list(profile.engines))
     if missing and options.offline:
@@ -187,6 +210,23 @@ def prepare(options: RunOptions) -> Prepared:
             "and --offline was given; run `buildfuzz setup` first"
         )
     return Prepared(profile, definitions, rules, targets)
+
+
+def _fits_engine(definitions: Definitions, engine: str, builder: str) -> bool:
+    """Leave the docker driver and the classic builder off existing daemons.
+
+    Both would build with the daemon's own cache and images, which belong
+    to its owner; builders of the other drivers keep their state apart.
+    """
+    if definitions.engines[engine].sandboxed:
+        return True
+    driver = definitions.builders[builder]
+    if driver.classic or driver.driver == "docker":
+        log.warning(
+            "builder left out on an existing daemon", builder=builder, engine=engine
+        )
+        return False
+    return True
 
 
 def usable_builders(definitions: Definitions, profile: Profile) -> list[str]:

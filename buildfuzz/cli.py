@@ -158,6 +158,14 @@ def run(
     html: Annotated[
         Path | None, typer.Option(help="Write the HTML report here at the end.")
     ] = None,
+    engine_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Run every case on this existing Docker daemon (for example "
+            "unix:///var/run/docker.sock) instead of sandbox engines; buildfuzz "
+            "removes only what it created there.",
+        ),
+    ] = None,
     builders_file: Annotated[
         list[Path] | None,
         typer.Option(
@@ -202,6 +210,7 @@ def run(
             ci=ci,
             min_free=parse_size(min_free, option="--min-free"),
             jobs=jobs,
+            engine_host=engine_host,
         )
         summary = run_campaign(options)
         if junit or markdown or html:

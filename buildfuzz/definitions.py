@@ -11,6 +11,7 @@ from buildfuzz.errors import DataFileError
 from buildfuzz.paths import builders_dir
 
 BUILDER_KINDS = ("classic", "buildx")
+ENGINE_SOURCES = ("debian", "binaries", "external")
 EXTRA_BUILDERS_VARIABLE = "BUILDFUZZ_BUILDERS"
 BUILDX_DRIVERS = ("docker", "docker-container", "remote", "kubernetes")
 
@@ -31,6 +32,16 @@ class EngineDefinition:
     buildkit: str = ""
     storage_drivers: tuple[str, ...] = ("overlay2",)
     containerd_store: bool = False
+    # "debian": packages buildfuzz downloads; "binaries": a directory of
+    # engine binaries (path); "external": a daemon that already runs (host).
+    source: str = "debian"
+    path: str = ""
+    host: str = ""
+
+    @property
+    def sandboxed(self) -> bool:
+        """Whether buildfuzz starts this engine itself as a sandbox daemon."""
+        return self.source != "external"
 
 
 @dataclass(frozen=True)
@@ -162,10 +173,20 @@ def _packages(raw: Any) -> tuple[PackageSet, ...]:
 
 def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
     keys = {"description", "storage_driver", "packages", "features", "buildkit"}
-    keys |= {"storage_drivers", "containerd_store"}
+    keys |= {"storage_drivers", "containerd_store", "source", "path", "host"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
+    source = str(raw.get("source", "debian"))
+    if source not in ENGINE_SOURCES:
+        raise ValueError(
+            f"engine {name!r}: unknown source {source!r}; "
+            f"use {', '.join(ENGINE_SOURCES)}"
+        )
+    if source == "binaries" and not raw.get("path"):
+        raise ValueError(f"engine {name!r}: source binaries needs path = DIRECTORY")
+    if source == "external" and not raw.get("host"):
+        raise ValueError(f"engine {name!r}: source external needs host = URL")
     features = raw.get("features", {})
     default_driver = str(raw.get("storage_driver", "overlay2"))
     if not isinstance(features, dict):
@@ -174,13 +195,16 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
         name=name,
         description=str(raw.get("description", "")),
         storage_driver=str(raw.get("storage_driver", "overlay2")),
-        packages=_packages(raw["packages"]),
+        packages=_packages(raw["packages"]) if source == "debian" else (),
         features=tuple((str(k), bool(v)) for k, v in features.items()),
         buildkit=str(raw.get("buildkit", "")),
         storage_drivers=tuple(
             _names(raw.get("storage_drivers", [default_driver]), "storage_drivers")
         ),
         containerd_store=bool(raw.get("containerd_store", False)),
+        source=source,
+        path=str(raw.get("path", "")),
+        host=str(raw.get("host", "")),
     )
 
 

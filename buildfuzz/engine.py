@@ -110,9 +110,16 @@ class SandboxEngine:
     def start(self) -> EngineInfo:
         dockerd = self.tree / "usr" / "sbin" / "dockerd"
         if not dockerd.exists():
+            # The layout of an official static release: docker/dockerd.
+            dockerd = self.tree / "dockerd"
+        if not dockerd.exists():
             raise EngineError(
                 f"dockerd of engine {self.name} not found at {dockerd}; "
-                "run `buildfuzz setup` to download the engine packages"
+                + (
+                    "give a directory with dockerd, containerd and runc as path"
+                    if self.definition.source == "binaries"
+                    else "run `buildfuzz setup` to download the engine packages"
+                )
             )
         if os.geteuid() != 0:
             raise EngineError(
@@ -197,7 +204,7 @@ class SandboxEngine:
         ]
 
     def _environment(self) -> dict[str, str]:
-        bins = [self.tree / "usr" / "sbin", self.tree / "usr" / "bin"]
+        bins = [self.tree / "usr" / "sbin", self.tree / "usr" / "bin", self.tree]
         path = ":".join([*map(str, bins), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
         libraries = sorted(
             str(p)

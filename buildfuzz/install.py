@@ -37,7 +37,8 @@ def ensure_installed(
     ensure_tree(CLIENT_TREE, definitions.client.packages)
     ensure_tree(BUSYBOX_TREE, BUSYBOX_PACKAGES)
     for name in engines:
-        ensure_tree(engine_tree_name(name), definitions.engines[name].packages)
+        if definitions.engines[name].source == "debian":
+            ensure_tree(engine_tree_name(name), definitions.engines[name].packages)
     # buildkit_images imports this module for the tree names.
     from buildfuzz.buildkit_images import RUNC_ENGINE, ensure_buildkit_binaries
     from buildfuzz.registry import registry_binary
@@ -89,9 +90,19 @@ def missing_trees(definitions: Definitions, engines: list[str]) -> list[str]:
     wanted = [(CLIENT_TREE, definitions.client.packages)]
     wanted.append((BUSYBOX_TREE, BUSYBOX_PACKAGES))
     wanted += [
-        (engine_tree_name(name), definitions.engines[name].packages) for name in engines
+        (engine_tree_name(name), definitions.engines[name].packages)
+        for name in engines
+        if definitions.engines[name].source == "debian"
     ]
     return [name for name, packages in wanted if not tree_is_ready(name, packages)]
+
+
+def engine_tree(definitions: Definitions, name: str) -> Path:
+    """Return the directory an engine's binaries run from."""
+    definition = definitions.engines[name]
+    if definition.source == "binaries":
+        return Path(definition.path)
+    return tree_path(engine_tree_name(name))
 
 
 def busybox_binary() -> str:

@@ -20,8 +20,8 @@ from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions
 from buildfuzz.engine import EngineOptions, SandboxEngine
 from buildfuzz.errors import EngineError
-from buildfuzz.install import busybox_binary, engine_tree_name
-from buildfuzz.packages import tree_path
+from buildfuzz.external import ExternalEngine
+from buildfuzz.install import busybox_binary, engine_tree
 from buildfuzz.rules import Rule
 from buildfuzz.verdict import Evaluation, judge
 
@@ -69,13 +69,13 @@ class Session:
         self.build_timeout = build_timeout
         self.strict = strict
         self.on_case = on_case
-        self.engines: dict[str, SandboxEngine] = {}
+        self.engines: dict[str, SandboxEngine | ExternalEngine] = {}
         # Engine labels that failed to start, with the error; never retried.
         self.unusable: dict[str, str] = {}
         self.pool = BuilderPool(run_dir)
         self._runners: dict[str, CaseRunner] = {}
 
-    def engine(self, case: Case) -> SandboxEngine:
+    def engine(self, case: Case) -> SandboxEngine | ExternalEngine:
         """Return the engine that ``case`` needs, starting it on first use.
 
         Each set of daemon options gets its own daemon. At most
@@ -91,17 +91,21 @@ class Session:
                 self.pool.forget_engine(oldest)
                 self.engines.pop(oldest).stop()
                 self._runners.pop(oldest, None)
-            engine = SandboxEngine(
-                self.definitions.engines[case.engine],
-                tree_path(engine_tree_name(case.engine)),
-                self.run_dir,
-                EngineOptions.of(case),
-            )
+            definition = self.definitions.engines[case.engine]
+            if definition.sandboxed:
+                engine = SandboxEngine(
+                    definition,
+                    engine_tree(self.definitions, case.engine),
+                    self.run_dir,
+                    EngineOptions.of(case),
+                )
+            else:
+                engine = ExternalEngine(definition, self.run_dir)
             self._start(engine)
         self.engines[label] = engine  # re-inserted: most recently used last
         return engine
 
-    def _start(self, engine: SandboxEngine) -> None:
+    def _start(self, engine: SandboxEngine | ExternalEngine) -> None:
         docker = self.tools.docker(engine.host)
         try:
             engine.start()
@@ -146,6 +150,9 @@ class Session:
         if not result.succeeded and not engine.is_healthy():
             result.engine_alive = False
             tail = engine.log_tail(20)
+            if isinstance(engine, ExternalEngine):
+                self.unusable[engine.label] = "the existing daemon stopped answering"
+                raise EngineUnavailable(engine.label, self.unusable[engine.label])
             log.warning("engine died during a case; restarting it", engine=engine.label)
             engine.stop()
             self._start(engine)
@@ -169,6 +176,9 @@ class Session:
             self.pool.forget_engine(label)
         self.pool.close()
         for engine in self.engines.values():
-            engine.stop()
+            if isinstance(engine, ExternalEngine):
+                engine.stop(self.tools.docker(engine.host))
+            else:
+                engine.stop()
         self.engines.clear()
         self._runners.clear()

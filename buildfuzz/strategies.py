@@ -35,6 +35,7 @@ class Target:
     outputs: tuple[Output, ...] = (Output.LOAD,)
     storage_drivers: tuple[str, ...] = ("overlay2",)
     containerd_store: bool = False
+    limits: bool = True  # data-root and memory limits; not for existing daemons
 
 
 def cases(profile: Profile, targets: Sequence[Target]) -> st.SearchStrategy[Case]:
@@ -95,8 +96,10 @@ def engine_settings(draw: st.DrawFn, profile: Profile, target: Target) -> dict:
     return {
         "storage_driver": draw(st.sampled_from(drivers or [""])),
         "containerd_store": containerd_store,
-        "data_root_mib": draw(st.sampled_from(axes.data_root_mib)),
-        "memory_mib": draw(st.sampled_from(axes.memory_mib)),
+        "data_root_mib": draw(st.sampled_from(axes.data_root_mib))
+        if target.limits
+        else 0,
+        "memory_mib": draw(st.sampled_from(axes.memory_mib)) if target.limits else 0,
     }
 
 

@@ -1,5 +1,7 @@
 """Sandbox engines: start, build for real on every builder, stop clean."""
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -9,7 +11,9 @@ from buildfuzz.baseimage import import_busybox
 from buildfuzz.build import CaseRunner
 from buildfuzz.case import Case, ContextFile, FileKind, Output
 from buildfuzz.definitions import load_definitions
-from buildfuzz.install import busybox_binary
+from buildfuzz.engine import SandboxEngine
+from buildfuzz.install import busybox_binary, engine_tree_name
+from buildfuzz.packages import tree_path
 from buildfuzz.session import Session
 from buildfuzz.strategies import BUSYBOX_IMAGE
 from tests.conftest import client_tools, start_engine
@@ -159,3 +163,34 @@ def test_session_builds_on_buildkit_builders(builder: str, run_dir: Path) -> Non
     assert any(name.startswith("bf-") for name in created)
     assert processes_under(run_dir) == []
     assert mounts_under(run_dir) == []
+
+
+def test_engine_from_binaries_directory(run_dir: Path, tmp_path: Path) -> None:
+    """A flat directory of engine binaries, as in Docker's static release tarballs."""
+    tree = tree_path(engine_tree_name("26.1"))
+    flat = tmp_path / "docker"
+    flat.mkdir()
+    for binary in ("dockerd", "containerd", "containerd-shim-runc-v2", "runc",
+                   "docker-init", "ctr"):  # fmt: skip
+        found = next(p for p in (tree / "usr/sbin" / binary, tree / "usr/bin" / binary)
+                     if p.exists())  # fmt: skip
+        shutil.copy2(found, flat / binary)
+    definition = replace(
+        load_definitions().engines["26.1"], source="binaries", path=str(flat)
+    )
+    engine = SandboxEngine(definition, flat, run_dir)
+    try:
+        engine.start()
+        docker = client_tools(run_dir).docker(engine.host)
+        runner = CaseRunner(
+            docker, load_definitions().builders, run_dir / "c", timeout=120
+        )
+        result = runner.run(
+            CASES[0].with_changes(dockerfile=("FROM scratch", "COPY . /ctx/"))
+        )
+    finally:
+        engine.stop()
+
+    assert engine.info is not None
+    assert engine.info.version.startswith("26.1")
+    assert result.succeeded, result.log[-1000:]
