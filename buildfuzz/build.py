@@ -50,12 +50,15 @@ class CaseRunner:
         *,
         timeout: float,
         builder_name: Callable[[BuilderDefinition], str | None] = lambda _: None,
+        docker_for: Callable[[BuilderDefinition], DockerClient] | None = None,
     ) -> None:
         self.docker = docker
         self.builders = builders
         self.work_dir = work_dir
         self.timeout = timeout
         self.builder_name = builder_name  # the buildx builder; None: the default
+        # The client whose buildx plugin a builder uses (its buildx version).
+        self.docker_for = docker_for or (lambda _: docker)
         self._counter = 0
 
     def run(self, case: Case) -> BuildResult:
@@ -108,7 +111,7 @@ class CaseRunner:
                 yield raw.decode("utf-8", errors="replace")
             return
 
-        stream = self.docker.buildx.build(
+        stream = self.docker_for(builder).buildx.build(
             context,
             builder=self.builder_name(builder),
             tags=[tag_for(case)] if case.output is Output.LOAD else [],

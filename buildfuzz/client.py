@@ -37,22 +37,33 @@ class ClientTools:
     config_dir: Path
 
     @classmethod
-    def prepare(cls, tree: Path, run_dir: Path) -> "ClientTools":
+    def prepare(
+        cls, tree: Path, run_dir: Path, plugin: Path | None = None
+    ) -> "ClientTools":
+        """Set up the CLI with Debian's buildx, or with ``plugin`` instead.
+
+        Each plugin gets a configuration directory of its own; the process'
+        environment points at the one of Debian's buildx.
+        """
         cli = tree / "usr" / "bin" / "docker"
-        buildx = tree / "usr" / "libexec" / "docker" / "cli-plugins" / "docker-buildx"
+        default = tree / "usr" / "libexec" / "docker" / "cli-plugins" / "docker-buildx"
+        buildx = plugin or default
         for path, what in ((cli, "docker CLI"), (buildx, "buildx plugin")):
             if not path.exists():
                 raise SetupError(
                     f"{what} not found at {path}; run `buildfuzz setup` to download it"
                 )
 
-        config_dir = run_dir / "docker-config"
+        config_dir = run_dir / (
+            "docker-config" if plugin is None else f"docker-config-{plugin.parent.name}"
+        )
         plugins = config_dir / "cli-plugins"
         plugins.mkdir(parents=True, exist_ok=True)
         (plugins / "docker-buildx").unlink(missing_ok=True)
         shutil.copy2(buildx, plugins / "docker-buildx")
         (config_dir / "config.json").write_text("{}\n")
-        isolate_environment(config_dir)
+        if plugin is None:
+            isolate_environment(config_dir)
 
         return cls(cli=cli, buildx=buildx, config_dir=config_dir)
 

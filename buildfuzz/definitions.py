@@ -60,6 +60,7 @@ class BuilderDefinition:
     buildkit: str = ""  # a version from builders/buildkit.toml, for built images
     buildkitd_flags: tuple[str, ...] = ()
     buildkitd_config: str = ""  # TOML appended to the builder's buildkitd.toml
+    buildx: str = ""  # a buildx version built with Go; "" is Debian's buildx
     # An existing buildkitd for the remote driver; buildfuzz never stops it.
     endpoint: str = ""
     cacert: str = ""
@@ -211,6 +212,7 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
 def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
     keys = {"description", "kind", "driver", "outputs", "buildkit"}
     keys |= {"buildkitd_flags", "buildkitd_config", "endpoint", "cacert", "cert", "key"}
+    keys |= {"buildx"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"builder {name!r}: unknown key {unknown[0]!r}")
@@ -255,6 +257,7 @@ def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
             _names(raw.get("buildkitd_flags", []), "buildkitd_flags")
         ),
         buildkitd_config=str(raw.get("buildkitd_config", "")),
+        buildx=str(raw.get("buildx", "")),
         endpoint=str(raw.get("endpoint", "")),
         cacert=str(raw.get("cacert", "")),
         cert=str(raw.get("cert", "")),

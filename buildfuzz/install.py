@@ -49,6 +49,12 @@ def ensure_installed(
             engine_tree_name(RUNC_ENGINE), definitions.engines[RUNC_ENGINE].packages
         )
         registry_binary()
+    from buildfuzz.buildx_versions import ensure_buildx_plugin
+
+    for plugin in sorted(
+        {definitions.builders[b].buildx for b in builders or []} - {""}
+    ):
+        ensure_buildx_plugin(plugin)
     for version in sorted(
         {definitions.builders[b].buildkit for b in builders or []} - {""}
     ):
@@ -65,6 +71,14 @@ def builder_problem(definitions: Definitions, name: str) -> str | None:
         return "no Kubernetes cluster: set KUBECONFIG or create ~/.kube/config"
     if builder.driver == "kubernetes":
         return "buildfuzz does not drive the kubernetes driver yet"
+    if builder.buildx:
+        from buildfuzz.buildx_versions import buildx_plugin_path
+
+        try:
+            go_toolchain()
+        except SetupError as error:
+            if not buildx_plugin_path(builder.buildx).exists():
+                return str(error)
     if builder.buildkit:
         try:
             go_toolchain()

@@ -86,7 +86,8 @@ def _builder_entry(
         return Entry("builder", builder.name, "engine's own", True)
     if buildx_version is None:
         return Entry("builder", builder.name, "?", False, "buildx not downloaded")
-    version = f"buildx {buildx_version.split(' ')[1]} ({builder.driver})"
+    buildx = builder.buildx or buildx_version.split(" ")[1]
+    version = f"buildx {buildx} ({builder.driver})"
     if builder.buildkit:
         version += f", BuildKit {builder.buildkit}"
     problem = builder_problem(definitions, builder.name)

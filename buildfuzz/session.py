@@ -21,7 +21,10 @@ from buildfuzz.definitions import Definitions
 from buildfuzz.engine import EngineOptions, SandboxEngine
 from buildfuzz.errors import EngineError
 from buildfuzz.external import ExternalEngine
-from buildfuzz.install import busybox_binary, engine_tree
+from buildfuzz.buildx_versions import ensure_buildx_plugin
+from buildfuzz.definitions import BuilderDefinition
+from buildfuzz.install import CLIENT_TREE, busybox_binary, engine_tree
+from buildfuzz.packages import tree_path
 from buildfuzz.rules import Rule
 from buildfuzz.verdict import Evaluation, judge
 
@@ -73,6 +76,7 @@ class Session:
         # Engine labels that failed to start, with the error; never retried.
         self.unusable: dict[str, str] = {}
         self.pool = BuilderPool(run_dir)
+        self._buildx_tools: dict[str, ClientTools] = {}
         self._runners: dict[str, CaseRunner] = {}
 
     def engine(self, case: Case) -> SandboxEngine | ExternalEngine:
@@ -120,13 +124,32 @@ class Session:
             )
             raise EngineUnavailable(engine.label, str(error)) from None
         label = engine.label
+        host = engine.host
+
+        def builder_name(builder: BuilderDefinition) -> str | None:
+            return self.pool.builder(
+                label, self.tools_for(builder).docker(host), builder
+            )
+
         self._runners[engine.label] = CaseRunner(
             docker,
             self.definitions.builders,
             engine.directory / "cases",
             timeout=self.build_timeout,
-            builder_name=lambda builder: self.pool.builder(label, docker, builder),
+            builder_name=builder_name,
+            docker_for=lambda builder: self.tools_for(builder).docker(host),
         )
+
+    def tools_for(self, builder: BuilderDefinition) -> ClientTools:
+        """Return the client of the builder's buildx version."""
+        if not builder.buildx:
+            return self.tools
+        if builder.buildx not in self._buildx_tools:
+            plugin = ensure_buildx_plugin(builder.buildx)
+            self._buildx_tools[builder.buildx] = ClientTools.prepare(
+                tree_path(CLIENT_TREE), self.run_dir, plugin
+            )
+        return self._buildx_tools[builder.buildx]
 
     def execute(self, case: Case) -> CaseRecord:
         """Build ``case`` and judge it; restart its engine if the build killed it."""

@@ -68,3 +68,11 @@ def test_builders_list_says_why_not(tmp_path: Path) -> None:
 
     assert completed.returncode == 0
     assert "not downloaded" in completed.stdout
+
+
+@pytest.mark.usefixtures("installed")
+def test_builders_list_shows_two_buildx_versions() -> None:
+    completed = buildfuzz("builders", "list", cwd=REPO)
+
+    assert "buildx 0.13.1" in completed.stdout
+    assert "buildx v0.38.2" in completed.stdout

@@ -194,3 +194,20 @@ def test_engine_from_binaries_directory(run_dir: Path, tmp_path: Path) -> None:
     assert engine.info is not None
     assert engine.info.version.startswith("26.1")
     assert result.succeeded, result.log[-1000:]
+
+
+def test_session_builds_with_newer_buildx(run_dir: Path) -> None:
+    """A builder may use a buildx release built by buildfuzz instead of Debian's."""
+    definitions = load_definitions()
+    session = Session(
+        definitions, client_tools(run_dir), run_dir, rules=(), build_timeout=300
+    )
+    try:
+        record = session.execute(CASES[1].with_changes(builder="buildx-docker-v0-38"))
+        plugin = session.tools_for(definitions.builders["buildx-docker-v0-38"])
+        version = plugin.docker(session.engine(CASES[1]).host).buildx.version()
+    finally:
+        session.close()
+
+    assert record.evaluation.verdict == "pass", record.result.log[-1500:]
+    assert "v0.38.2" in str(version)
