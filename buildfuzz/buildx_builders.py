@@ -62,10 +62,11 @@ class BuilderPool:
         key = (engine_label, definition.name)
         if key in self._builders:
             return self._builders[key][1]
+        if definition.driver == "kubernetes":
+            return self._kubernetes(key, docker, definition)
         if definition.driver not in ("docker-container", "remote"):
             raise EngineError(
-                f"builder {definition.name}: the {definition.driver} driver cannot run "
-                "here; it needs a cluster that buildfuzz was not given"
+                f"builder {definition.name}: unknown driver {definition.driver}"
             )
 
         registry = self._ensure_registry(docker)
@@ -116,6 +117,37 @@ class BuilderPool:
             ) from None
         self._builders[key] = (docker, name)
         log.info("builder created", builder=definition.name, engine=engine_label)
+        return name
+
+    def _kubernetes(
+        self,
+        key: tuple[str, str],
+        docker: DockerClient,
+        definition: BuilderDefinition,
+    ) -> str:
+        """Create a kubernetes-driver builder on the cluster of the user's kubeconfig.
+
+        Its pods belong to that cluster; buildfuzz removes the builder (and so
+        its deployment) at the end, in the namespace the definition names.
+        """
+        # NOTE: not run by the tests: no cluster can be reached from here.
+        name = "bf-" + hashlib.sha256("/".join(key).encode()).hexdigest()[:10]
+        options = {
+            "namespace": definition.namespace or "default",
+            "replicas": str(definition.replicas or 1),
+        }
+        if definition.buildkit:
+            options["image"] = f"moby/buildkit:{definition.buildkit}"
+        try:
+            docker.buildx.create(
+                name=name, driver="kubernetes", driver_options=options, bootstrap=True
+            )
+        except DockerException as error:
+            raise EngineError(
+                f"cannot create builder {definition.name} on the Kubernetes cluster: "
+                f"{_text(error.stderr) or error}"
+            ) from None
+        self._builders[key] = (docker, name)
         return name
 
     def _ensure_registry(self, docker: DockerClient) -> LoopbackRegistry:

@@ -61,6 +61,8 @@ class BuilderDefinition:
     buildkitd_flags: tuple[str, ...] = ()
     buildkitd_config: str = ""  # TOML appended to the builder's buildkitd.toml
     buildx: str = ""  # a buildx version built with Go; "" is Debian's buildx
+    namespace: str = ""  # kubernetes driver: the namespace of its pods
+    replicas: int = 0  # kubernetes driver: how many BuildKit pods
     # An existing buildkitd for the remote driver; buildfuzz never stops it.
     endpoint: str = ""
     cacert: str = ""
@@ -212,7 +214,7 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
 def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
     keys = {"description", "kind", "driver", "outputs", "buildkit"}
     keys |= {"buildkitd_flags", "buildkitd_config", "endpoint", "cacert", "cert", "key"}
-    keys |= {"buildx"}
+    keys |= {"buildx", "namespace", "replicas"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"builder {name!r}: unknown key {unknown[0]!r}")
@@ -258,6 +260,8 @@ def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:
         ),
         buildkitd_config=str(raw.get("buildkitd_config", "")),
         buildx=str(raw.get("buildx", "")),
+        namespace=str(raw.get("namespace", "")),
+        replicas=int(raw.get("replicas", 0)),
         endpoint=str(raw.get("endpoint", "")),
         cacert=str(raw.get("cacert", "")),
         cert=str(raw.get("cert", "")),

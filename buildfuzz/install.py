@@ -69,8 +69,6 @@ def builder_problem(definitions: Definitions, name: str) -> str | None:
     builder = definitions.builders[name]
     if builder.driver == "kubernetes" and not kubeconfig_present():
         return "no Kubernetes cluster: set KUBECONFIG or create ~/.kube/config"
-    if builder.driver == "kubernetes":
-        return "buildfuzz does not drive the kubernetes driver yet"
     if builder.buildx:
         from buildfuzz.buildx_versions import buildx_plugin_path
 
