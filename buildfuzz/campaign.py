@@ -1,5 +1,6 @@
 """``buildfuzz run``: a fuzzing campaign from set-up to summary."""
 
+import json
 import os
 import random
 import sys
@@ -28,9 +29,7 @@ from buildfuzz.install import (
 )
 from buildfuzz.profile import Profile, load_profile
 from buildfuzz.replay import ReplayReport, Status
-from buildfuzz.results import (
-    ResultsStore,
-)
+from buildfuzz.results import ResultsStore, write_atomic
 from buildfuzz.rules import Rule, load_rules
 from buildfuzz.runlog import RunLog
 from buildfuzz.strategies import Target
@@ -56,6 +55,7 @@ class RunOptions:
     min_free: int = 2 * 2**30  # bytes free under the work directory to go on
     jobs: int = 1  # workers in parallel, each with its own engines
     engine_host: str | None = None  # an existing daemon to use instead of engines
+    resume: bool = False  # go on with the saved seed from where the last run stopped
     workdir: Path = DEFAULT_BASE
     shard: Shard = Shard(1, 1)
 
@@ -248,7 +248,12 @@ def usable_builders(definitions: Definitions, profile: Profile) -> list[str]:
 
 def run_campaign(options: RunOptions) -> RunSummary:
     prepared = prepare(options)
-    seed = options.seed if options.seed is not None else random.randrange(2**32)
+    state_key = f"{prepared.profile.name} {options.shard.index}/{options.shard.count}"
+    saved = read_state(options.results).get(state_key, {}) if options.resume else {}
+    seed = options.seed if options.seed is not None else saved.get("seed")
+    if seed is None:
+        seed = random.randrange(2**32)
+    start_index = int(saved.get("next_index", 0)) if saved.get("seed") == seed else 0
     builders = sorted({target.builder for target in prepared.targets})
     ensure_installed(prepared.definitions, list(prepared.profile.engines), builders)
 
@@ -281,6 +286,7 @@ def run_campaign(options: RunOptions) -> RunSummary:
             shrink_budget=shrink_budget,
             check_known=options.ci and number == 0,
             live_progress=options.jobs == 1 and sys.stderr.isatty(),
+            start_index=start_index,
         )
         for number in range(options.jobs)
     ]
@@ -294,6 +300,11 @@ def run_campaign(options: RunOptions) -> RunSummary:
     try:
         results = run_workers(plans, options, prepared, Claims(run_dir / "claims"))
         _merge(summary, results)
+        if results:
+            # Continue where the slowest worker stopped; a few inputs of the
+            # faster ones run again rather than some being left out.
+            next_index = min(result.next_index for result in results)
+            write_state(options.results, state_key, seed, next_index)
         errors = [result.error for result in results if result.error]
         if errors and not summary.stats.cases:
             raise EngineError(errors[0])
@@ -354,3 +365,23 @@ def _merge(summary: RunSummary, results: list[WorkerResult]) -> None:
         finding for finding in summary.written.known
         if finding not in summary.written.new
     ]  # fmt: skip
+
+
+STATE_FILE = "state.json"
+
+
+def read_state(results: Path) -> dict[str, dict[str, int]]:
+    """Read where earlier runs stopped, per profile and shard; {} if unknown."""
+    try:
+        data = json.loads((results / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_state(results: Path, key: str, seed: int, next_index: int) -> None:
+    state = read_state(results)
+    state[key] = {"seed": seed, "next_index": next_index}
+    write_atomic(
+        results / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n"
+    )

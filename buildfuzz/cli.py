@@ -141,6 +141,14 @@ def run(
             "--workdir, such as 2G or 500M."
         ),
     ] = "2G",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--continue",
+            help="Go on with the seed of the last run of this profile in --results, "
+            "from the case where it stopped (a new seed when there was none).",
+        ),
+    ] = False,
     ci: Annotated[
         bool,
         typer.Option(
@@ -211,6 +219,7 @@ def run(
             min_free=parse_size(min_free, option="--min-free"),
             jobs=jobs,
             engine_host=engine_host,
+            resume=resume,
         )
         summary = run_campaign(options)
         if junit or markdown or html:

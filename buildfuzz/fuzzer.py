@@ -149,6 +149,7 @@ class Fuzzer:
         self.stopped = False
         self.interrupted = False
         self.phase = "fuzz"  # "shrink" while a new finding is being shrunk
+        self.next_index = 0  # the input a later run continues from
         self._generate = self._generation_test()
 
     def _generation_test(self) -> Callable[[bytes], object]:
@@ -176,6 +177,7 @@ class Fuzzer:
         shard: Shard | None = None,
         *,
         stop_index: int | None = None,
+        start_index: int = 0,
     ) -> Stats:
         """Run cases until ``deadline``; a shard runs only its share of them.
 
@@ -183,6 +185,9 @@ class Fuzzer:
         """
         shard = shard or Shard(1, 1)
         index = shard.index - 1
+        while index < start_index:  # the first input of this shard from there
+            index += shard.count
+        self.next_index = index
         while not self.stopped and time.monotonic() < deadline:
             if stop_index is not None and index >= stop_index:
                 break
@@ -190,6 +195,7 @@ class Fuzzer:
                 break
             buffer = self.buffer(index)
             index += shard.count
+            self.next_index = index
             self._captured.clear()
             self._generate(buffer)
             if not self._captured:

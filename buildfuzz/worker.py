@@ -46,6 +46,7 @@ class WorkerResult:
     interrupted: bool = False
     low_disk: bool = False
     error: str = ""  # why no case could run, when none could
+    next_index: int = 0  # the first input this worker did not start
 
 
 @dataclass
@@ -61,6 +62,7 @@ class WorkerPlan:
     shrink_budget: float
     check_known: bool  # the CI mode's replay of known findings
     live_progress: bool
+    start_index: int = 0  # inputs before this one ran in an earlier run
 
 
 def run_worker(
@@ -125,7 +127,15 @@ def run_worker(
         )
         result.stats = fuzzer.stats
         with progress:
-            fuzzer.run(plan.deadline, plan.shrink_budget, plan.shard)
+            try:
+                fuzzer.run(
+                    plan.deadline,
+                    plan.shrink_budget,
+                    plan.shard,
+                    start_index=plan.start_index,
+                )
+            finally:
+                result.next_index = fuzzer.next_index
         result.interrupted = fuzzer.interrupted
     except KeyboardInterrupt:
         result.interrupted = True

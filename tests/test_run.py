@@ -351,3 +351,35 @@ def test_run_stops_when_disk_runs_low(small_workdir: Path, tmp_path: Path) -> No
     assert "free disk space below --min-free" in completed.stderr
     assert "stopped early: disk space below --min-free" in completed.stdout
     assert list(small_workdir.glob("run-*")) == []
+
+
+def test_continue_goes_on_where_last_run_stopped(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    runs = []
+    for _ in range(2):
+        completed = buildfuzz(
+            "run", "--continue", "--budget", "8s",
+            "--profile", str(PROFILES / "quiet.toml"),
+            "--results", str(results), "--workdir", tempfile_dir(),
+            "--log-format", "json",
+            cwd=REPO,
+        )  # fmt: skip
+        events = [json.loads(line) for line in completed.stderr.splitlines() if line]
+        seeds = [e["seed"] for e in events if e["event"] == "run started"]
+        cases = [
+            e["case_id"]
+            for e in events
+            if e["event"] == "case" and e["phase"] == "fuzz"
+        ]
+        runs.append((seeds[0], cases))
+    state = json.loads((results / "state.json").read_text())
+
+    assert runs[0][0] == runs[1][0]  # the second run kept the first run's seed
+    assert runs[0][1] and runs[1][1]
+    # With the same seed from the start, both would begin with the same cases.
+    assert runs[1][1][:5] != runs[0][1][:5]
+    assert state["quiet 1/1"]["seed"] == runs[0][0]
+    assert state["quiet 1/1"]["next_index"] >= len(runs[0][1]) + len(runs[1][1]), (
+        runs,
+        state,
+    )
