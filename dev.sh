@@ -25,7 +25,7 @@ fi
 # e2fsprogs for the small data-root file systems of engine limits. The test
 # suite also opens the HTML report in Chromium.
 debian_packages=(apt dpkg debian-archive-keyring python3 python3-venv
-  libseccomp2 libsystemd0 libcap2 util-linux coreutils e2fsprogs)
+  libseccomp2 libsystemd0 libcap2 util-linux coreutils e2fsprogs attr)
 if [ "${1:-}" = test ]; then
   debian_packages+=(chromium)
 fi

@@ -39,6 +39,11 @@ class BuildResult:
         return self.exit_status == 0 and not self.timed_out
 
 
+# Called after a build with its result and case directory (rootfs.tar,
+# rootfs/, context/), while the image is still in the engine.
+Inspector = Callable[["BuildResult", Path], None]
+
+
 class CaseRunner:
     """Materialize cases and build them on one sandbox engine."""
 
@@ -61,15 +66,19 @@ class CaseRunner:
         self.docker_for = docker_for or (lambda _: docker)
         self._counter = 0
 
-    def run(self, case: Case) -> BuildResult:
+    def run(self, case: Case, inspect: Inspector | None = None) -> BuildResult:
+        """Build ``case``; ``inspect`` reads the outputs before they are removed."""
         self._counter += 1
         case_dir = self.work_dir / f"case-{self._counter}"
         context = materialize(case, case_dir / "context")
         builder = self.builders[case.builder]
         try:
-            return self._build(case, builder, case_dir, context)
+            result = self._build(case, builder, case_dir, context)
+            if inspect is not None:
+                inspect(result, case_dir)
+            return result
         finally:
-            self._remove_image()
+            self._remove_image(case.tags)
             shutil.rmtree(case_dir, ignore_errors=True)
 
     def _build(
@@ -85,6 +94,11 @@ class CaseRunner:
                 lines.append(line)
         except DockerException as error:
             exit_status = error.return_code or 1
+        except UnicodeDecodeError:
+            # python-on-whales decodes a failed build's stderr as strict UTF-8
+            # to pick its exception class; file names that are not UTF-8 make
+            # that fail. The build failed all the same, and its log is in lines.
+            exit_status = 1
         finally:
             watchdog.cancel()
         duration = time.monotonic() - started
@@ -104,7 +118,8 @@ class CaseRunner:
         self, case: Case, builder: BuilderDefinition, case_dir: Path, context: Path
     ) -> Iterator[str]:
         if builder.classic:
-            command = [*self.docker.docker_cmd, *classic_arguments(case), str(context)]
+            command = [*self.docker.docker_cmd, *classic_arguments(case)]
+            command += [*case.option_arguments(str(context)), str(context)]
             for _, raw in stream_stdout_and_stderr(
                 command, env={"DOCKER_BUILDKIT": "0"}
             ):
@@ -114,7 +129,10 @@ class CaseRunner:
         stream = self.docker_for(builder).buildx.build(
             context,
             builder=self.builder_name(builder),
-            tags=[tag_for(case)] if case.output is Output.LOAD else [],
+            tags=[tag_for(case), *case.tags] if case.output is Output.LOAD else [],
+            file=context / case.dockerfile_option if case.dockerfile_option else None,
+            target=case.target or None,
+            cache=not case.no_cache,
             load=case.output is Output.LOAD,
             output=buildx_output(case, case_dir),
             platforms=[case.platform] if case.platform else None,
@@ -137,10 +155,12 @@ class CaseRunner:
             result.exit_status = error.return_code or 1
             result.load_log = _text(error.stderr) or str(error)
 
-    def _remove_image(self) -> None:
+    def _remove_image(self, extra_tags: tuple[str, ...] = ()) -> None:
         try:
             self.docker.image.remove(
-                [f"{IMAGE_NAME}:latest", f"{IMAGE_NAME}:loaded"], force=True, prune=True
+                [f"{IMAGE_NAME}:latest", f"{IMAGE_NAME}:loaded", *extra_tags],
+                force=True,
+                prune=True,
             )
         except DockerException:
             pass  # nothing was tagged: the build failed or did not load

@@ -56,6 +56,7 @@ class RunOptions:
     jobs: int = 1  # workers in parallel, each with its own engines
     engine_host: str | None = None  # an existing daemon to use instead of engines
     resume: bool = False  # go on with the saved seed from where the last run stopped
+    differential: tuple[str, ...] = ()  # builder pairs A:B (oracle_diff)
     workdir: Path = DEFAULT_BASE
     shard: Shard = Shard(1, 1)
 

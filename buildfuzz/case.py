@@ -15,6 +15,11 @@ from typing import Any
 from buildfuzz.errors import DataFileError
 
 CASE_SCHEMA = 1
+DOCKERFILE = "Dockerfile"
+# Top-level directories of the context that generated entries own: the bulk
+# recipe's files, and the file whose path is made long on purpose.
+BULK_DIR = "bulk"
+DEEP_DIR = "deep"
 
 
 class FileKind(StrEnum):
@@ -23,6 +28,11 @@ class FileKind(StrEnum):
     SYMLINK = "symlink"
     HARDLINK = "hardlink"
     FIFO = "fifo"
+    SPARSE = "sparse"  # ``size`` bytes of holes: a file that takes no disk space
+    CHAR_DEVICE = "char-device"
+    BLOCK_DEVICE = "block-device"
+    SOCKET = "socket"  # a unix socket node left behind by a closed listener
+    ARCHIVE = "archive"  # a compressed tar, which ADD extracts (see context.py)
 
 
 class Output(StrEnum):
@@ -47,6 +57,23 @@ class ContextFile:
     mtime_ns: int = 1_700_000_000_000_000_000
     seed: int = 0
     target: str = ""  # symlink target, or the context path a hardlink points at
+    major: int = 0  # device number of a char-device or block-device
+    minor: int = 0
+    xattrs: tuple[tuple[str, str], ...] = ()  # extended attributes, name and value
+
+
+@dataclass(frozen=True)
+class BulkRecipe:
+    """Many regular files under ``bulk/``, described by a few numbers.
+
+    ``bulk.bulk_files`` expands the recipe, and ``repro`` writes the same
+    expansion as a shell loop; a case stores the recipe, never the files.
+    """
+
+    count: int
+    sizes: tuple[int, ...] = (0,)  # each file's size is one of these
+    depth: int = 2  # directory levels between bulk/ and each file
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,16 @@ class Case:
     platform: str = ""
     build_args: tuple[tuple[str, str], ...] = ()
     output: Output = Output.LOAD
+    # Fields below were added after schema 1 was first written; to_dict()
+    # leaves out those at their default, so older cases keep their JSON and id.
+    bulk: BulkRecipe | None = None
+    dockerfile_name: str = DOCKERFILE  # path of the Dockerfile in the context
+    # Patterns of <dockerfile_name>.dockerignore, which BuildKit reads in place
+    # of .dockerignore, or None for no such file.
+    dockerfile_dockerignore: tuple[str, ...] | None = None
+    target: str = ""  # the stage that --target builds; "" builds the last one
+    no_cache: bool = False
+    tags: tuple[str, ...] = ()  # tags given in addition to the case's own
     schema: int = CASE_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +111,16 @@ class Case:
             None if self.dockerignore is None else list(self.dockerignore)
         )
         data["dockerfile"] = list(self.dockerfile)
+        data["files"] = [_file_to_dict(entry) for entry in self.files]
+        for name in _OPTIONAL_FIELDS:
+            if getattr(self, name) == getattr(Case, name):
+                del data[name]
+        if self.dockerfile_dockerignore is not None:
+            data["dockerfile_dockerignore"] = list(self.dockerfile_dockerignore)
+        if self.tags:
+            data["tags"] = list(self.tags)
+        if self.bulk is not None:
+            data["bulk"]["sizes"] = list(self.bulk.sizes)
         return data
 
     def to_json(self) -> str:
@@ -101,6 +148,48 @@ class Case:
     @property
     def dockerfile_text(self) -> str:
         return "\n".join(self.dockerfile) + "\n"
+
+    @property
+    def dockerfile_option(self) -> str | None:
+        """Return the ``--file`` path in the context, or None for the default."""
+        return None if self.dockerfile_name == DOCKERFILE else self.dockerfile_name
+
+    def option_arguments(self, context: str) -> list[str]:
+        """Return the build command's flags for ``--file``, ``--target``,
+        ``--no-cache`` and the extra tags, with the context at ``context``.
+        """
+        arguments = []
+        if self.dockerfile_option is not None:
+            arguments += ["--file", f"{context}/{self.dockerfile_option}"]
+        if self.target:
+            arguments += ["--target", self.target]
+        if self.no_cache:
+            arguments.append("--no-cache")
+        if self.output is Output.LOAD:
+            for tag in self.tags:
+                arguments += ["--tag", tag]
+        return arguments
+
+
+_OPTIONAL_FIELDS = (
+    "bulk",
+    "dockerfile_name",
+    "dockerfile_dockerignore",
+    "target",
+    "no_cache",
+    "tags",
+)
+_OPTIONAL_FILE_FIELDS = ("major", "minor", "xattrs")
+
+
+def _file_to_dict(entry: ContextFile) -> dict[str, Any]:
+    data = asdict(entry)
+    for name in _OPTIONAL_FILE_FIELDS:
+        if getattr(entry, name) == getattr(ContextFile, name):
+            del data[name]
+    if entry.xattrs:
+        data["xattrs"] = dict(entry.xattrs)
+    return data
 
 
 def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
@@ -147,7 +236,18 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
                 for k, v in build_args.items()
             ),
             output=Output(data.get("output", Output.LOAD)),
+            bulk=_bulk_from_dict(data.get("bulk")),
+            dockerfile_name=_string(
+                data.get("dockerfile_name", DOCKERFILE), "dockerfile_name"
+            ),
+            dockerfile_dockerignore=_optional_strings(
+                data.get("dockerfile_dockerignore"), "dockerfile_dockerignore"
+            ),
+            target=_string(data.get("target", ""), "target"),
+            no_cache=_boolean(data.get("no_cache", False), "no_cache"),
+            tags=tuple(_strings(data.get("tags", []), "tags")),
         )
+        check_context_path(case.dockerfile_name)
     except (TypeError, ValueError) as error:
         raise DataFileError(source, f"invalid case: {error}") from None
 
@@ -171,12 +271,46 @@ def _file_from_dict(item: Any, source: Path | str) -> ContextFile:
         mtime_ns=_integer(item.get("mtime_ns", ContextFile.mtime_ns), "files.mtime_ns"),
         seed=_integer(item.get("seed", 0), "files.seed"),
         target=_string(item.get("target", ""), "files.target"),
+        major=_integer(item.get("major", 0), "files.major"),
+        minor=_integer(item.get("minor", 0), "files.minor"),
+        xattrs=_xattrs(item.get("xattrs", {})),
     )
     check_context_path(entry.path)
     if entry.kind is FileKind.HARDLINK:
         check_context_path(entry.target)
 
     return entry
+
+
+def _bulk_from_dict(item: Any) -> BulkRecipe | None:
+    if item is None:
+        return None
+    if not isinstance(item, dict):
+        raise TypeError("bulk must be an object or null")
+    unknown = sorted(set(item) - set(BulkRecipe.__dataclass_fields__))
+    if unknown:
+        raise TypeError(f"unknown bulk fields: {', '.join(unknown)}")
+    sizes = item.get("sizes", [0])
+    if not isinstance(sizes, list) or not sizes:
+        raise TypeError("bulk.sizes must be a non-empty list of integers")
+    recipe = BulkRecipe(
+        count=_integer(item.get("count"), "bulk.count"),
+        sizes=tuple(_integer(size, "bulk.sizes") for size in sizes),
+        depth=_integer(item.get("depth", 2), "bulk.depth"),
+        seed=_integer(item.get("seed", 0), "bulk.seed"),
+    )
+    if recipe.count < 0 or recipe.depth < 0 or min(recipe.sizes) < 0:
+        raise ValueError("bulk count, sizes and depth must be >= 0")
+    return recipe
+
+
+def _xattrs(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise TypeError("files.xattrs must be an object of names and values")
+    return tuple(
+        (_string(name, "files.xattrs"), _string(text, "files.xattrs"))
+        for name, text in value.items()
+    )
 
 
 def check_context_path(path: str) -> None:
@@ -210,6 +344,10 @@ def _strings(values: Any, name: str) -> list[str]:
     return [_string(value, name) for value in values]
 
 
+def _optional_strings(values: Any, name: str) -> tuple[str, ...] | None:
+    return None if values is None else tuple(_strings(values, name))
+
+
 def load_case(path: Path) -> Case:
     """Read a case from ``path``: a ``case.json`` or a finding directory."""
     if path.is_dir():
@@ -234,7 +372,11 @@ def load_case(path: Path) -> Case:
 
 
 __all__ = [
+    "BULK_DIR",
     "CASE_SCHEMA",
+    "DEEP_DIR",
+    "DOCKERFILE",
+    "BulkRecipe",
     "Case",
     "ContextFile",
     "FileKind",

@@ -18,6 +18,7 @@ from buildfuzz.budget import format_duration, parse_duration, parse_size
 from buildfuzz.errors import EXIT_INTERRUPTED, BuildfuzzError, SetupError, UsageError
 from buildfuzz.report_cli import report as report_command
 from buildfuzz.shard import Shard
+from buildfuzz.strategies_cli import strategies as strategies_command
 from buildfuzz.workdir import DEFAULT_BASE
 
 app = typer.Typer(
@@ -90,6 +91,16 @@ def _configure(log_format: str) -> None:
     logs.configure(log_format)
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, _interrupt)
+
+
+def _differential_pairs(values: list[str]) -> tuple[str, ...]:
+    """Check --differential pairs before the run writes anything."""
+    from buildfuzz.definitions import load_definitions
+    from buildfuzz.oracle_diff import parse_pairs
+
+    if values:
+        parse_pairs(values, load_definitions())
+    return tuple(values)
 
 
 @app.command()
@@ -182,6 +193,14 @@ def run(
             "buildkitd endpoints with TLS. Repeat for several.",
         ),
     ] = None,
+    differential: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Build each case of builder A again on B and compare the trees "
+            "(A:B, each side a builder or engine/builder, such as "
+            "buildx-docker:container-v0-34). Repeat for several pairs.",
+        ),
+    ] = None,
     secret_env: SecretEnv = None,
     log_format: LogFormat = "console",
     workdir: Workdir = DEFAULT_BASE,
@@ -220,6 +239,7 @@ def run(
             jobs=jobs,
             engine_host=engine_host,
             resume=resume,
+            differential=_differential_pairs(differential or []),
         )
         summary = run_campaign(options)
         if junit or markdown or html:
@@ -592,6 +612,7 @@ def version() -> None:
 
 
 app.command("report")(report_command)
+app.command("strategies")(strategies_command)
 
 
 def main() -> None:

@@ -114,9 +114,13 @@ class FindingWriter:
             ],
             seen_on=sorted({case_target(original.case), case_target(best.case)}),
         )  # fmt: skip
+        # An oracle's finding (a tree diff, a leak) explains itself in diff.txt.
+        detail = best.evaluation.detail or original.evaluation.detail
+        extra = {"diff.txt": detail} if detail else {}
         directory = self.store.write(
             record,
             {
+                **extra,
                 "case.json": best.case.to_json(),
                 "original.json": original.case.to_json(),
                 "build.log": best.result.log + best.result.load_log,

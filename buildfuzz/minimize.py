@@ -23,6 +23,15 @@ log = structlog.get_logger(__name__)
 
 Reproduces = Callable[[Case], bool]
 ENGINE_OPTIONS = ("storage_driver", "containerd_store", "data_root_mib", "memory_mib")
+# Case fields whose default is the Case's own (see case.py).
+CASE_OPTIONS = (
+    "bulk",
+    "dockerfile_dockerignore",
+    "dockerfile_name",
+    "target",
+    "no_cache",
+    "tags",
+)
 
 
 @dataclass
@@ -91,6 +100,7 @@ def default_file(profile: Profile, entry: ContextFile) -> ContextFile:
         uid=axes.owners[0],
         gid=axes.owners[0],
         mtime_ns=axes.mtimes_ns[0],
+        xattrs=axes.xattrs[0],
     )
 
 
@@ -111,7 +121,7 @@ def simplifications(
         )
     if case.dockerfile[0] != default.dockerfile[0]:
         yield replace(case, dockerfile=default.dockerfile[:1] + case.dockerfile[1:])
-    for name in ENGINE_OPTIONS + ("platform", "output", "build_args"):
+    for name in ENGINE_OPTIONS + ("platform", "output", "build_args") + CASE_OPTIONS:
         if getattr(case, name) != getattr(default, name):
             yield replace(case, **{name: getattr(default, name)})
     for index in range(len(case.build_args)):
@@ -125,7 +135,7 @@ def simplifications(
                 yield moved
     for index, entry in enumerate(case.files):
         simple = default_file(profile, entry)
-        for name in ("size", "mode", "uid", "gid", "mtime_ns", "seed"):
+        for name in ("size", "mode", "uid", "gid", "mtime_ns", "seed", "xattrs"):
             if getattr(entry, name) != getattr(simple, name) and name != "seed":
                 changed = replace(entry, **{name: getattr(simple, name)})
                 yield replace(case, files=_with_file(case.files, index, changed))

@@ -6,17 +6,19 @@ towards its first element; a shrunk case therefore differs from the
 defaults only in the axes that the failure needs.
 """
 
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from buildfuzz.case import FileKind, Output
+from buildfuzz.case import BULK_DIR, DEEP_DIR, FileKind, Output
 from buildfuzz.errors import DataFileError
 from buildfuzz.paths import strategies_dir
 
 INSTRUCTION_KINDS = (
     "copy-all",
+    "copy-root",
     "copy-file",
     "copy-dir",
     "add-file",
@@ -27,8 +29,28 @@ INSTRUCTION_KINDS = (
     "workdir",
     "env",
     "arg",
+    "user",
+    "copy-from-stage",
+    "run-heredoc",
+    "copy-heredoc",
+    "run-mount-cache",
+    "run-mount-tmpfs",
+    "run-mount-bind",
+    "run-mount-secret",
+    "copy-link",
+    "copy-parents",
+    "copy-exclude",
+    "add-archive",
 )
-BASES = ("scratch", "busybox")
+# "stage" is FROM the stage before. A first stage uses another base instead.
+BASES = ("scratch", "busybox", "stage")
+TARGETS = ("", "first")  # "first": --target of the first stage
+GIB = 1 << 30
+# Prefix of a file name given as hex bytes, for names that are not UTF-8.
+BYTES_PREFIX = "bytes:"
+# ext4 fits a file's extended attributes into its inode and one 4 KiB block
+# (unless the ea_inode feature is on), so stay well below 4 KiB.
+MAX_XATTR_BYTES = 3072
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,16 @@ class ContextAxes:
     mtimes_ns: tuple[int, ...] = (1_700_000_000_000_000_000,)
     symlink_targets: tuple[str, ...] = ("",)
     dockerignore: tuple[str, ...] = ()
+    # Whether <Dockerfile>.dockerignore exists, with patterns from dockerignore.
+    dockerfile_dockerignore: tuple[bool, ...] = (False,)
+    sparse_sizes: tuple[int, ...] = (8 * GIB,)
+    devices: tuple[tuple[int, int], ...] = ((1, 3),)  # (major, minor)
+    xattrs: tuple[tuple[tuple[str, str], ...], ...] = ((),)
+    # Length in bytes of one extra file's path under deep/, or 0 for no such file.
+    path_lengths: tuple[int, ...] = (0,)
+    bulk_files: tuple[int, ...] = (0,)  # files of the bulk recipe, 0 for no bulk/
+    bulk_sizes: tuple[tuple[int, ...], ...] = ((0,),)
+    bulk_depths: tuple[int, ...] = (2,)
 
 
 @dataclass(frozen=True)
@@ -57,7 +89,10 @@ class EngineAxes:
 class DockerfileAxes:
     bases: tuple[str, ...] = ("scratch",)
     instructions: tuple[str, ...] = ("copy-all",)
-    max_instructions: int = 3
+    max_instructions: int = 3  # per stage
+    stages: tuple[int, ...] = (1,)
+    layers: tuple[int, ...] = (0,)  # extra COPY layers at the end of the last stage
+    paths: tuple[str, ...] = ("Dockerfile",)  # where the Dockerfile is in the context
 
 
 @dataclass(frozen=True)
@@ -65,6 +100,9 @@ class BuildAxes:
     platforms: tuple[str, ...] = ("",)
     outputs: tuple[Output, ...] = (Output.LOAD,)
     build_args: tuple[tuple[str, str], ...] = ()
+    targets: tuple[str, ...] = ("",)
+    no_cache: tuple[bool, ...] = (False,)
+    tags: tuple[tuple[str, ...], ...] = ((),)  # extra tags of a loaded image
 
 
 @dataclass(frozen=True)
@@ -179,7 +217,7 @@ def _convert(label: str, key: str, raw: Any) -> Any:
                 raise ValueError(f"{label} entries must be [name, value] pairs")
             pairs.append((str(pair[0]), str(pair[1])))
         return tuple(pairs)
-    if key == "containerd_store":
+    if key in ("containerd_store", "dockerfile_dockerignore", "no_cache"):
         if not all(isinstance(value, bool) for value in raw):
             raise ValueError(f"{label} must be a list of true and false")
         return tuple(raw)
@@ -190,14 +228,100 @@ def _convert(label: str, key: str, raw: Any) -> Any:
         return values
     if key in ("sizes", "modes", "dir_modes", "owners", "mtimes_ns"):
         return tuple(_integer(value, label) for value in raw)
+    if key in RANGES:
+        return tuple(_bounded(value, label, *RANGES[key]) for value in raw)
+    if key == "path_lengths":
+        return tuple(_path_length(value, label) for value in raw)
+    if key == "bulk_sizes":
+        return tuple(_size_list(value, label) for value in raw)
+    if key == "devices":
+        return tuple(_device(value, label) for value in raw)
+    if key == "xattrs":
+        return tuple(_xattr_set(value, label) for value in raw)
     if key == "names":
         return tuple(_file_name(value, label) for value in raw)
+    if key == "paths":
+        return tuple(_dockerfile_path(value, label) for value in raw)
+    if key == "tags":
+        return tuple(_string_tuple(value, label) for value in raw)
     if key == "bases":
         return tuple(_choice(value, BASES, label) for value in raw)
     if key == "instructions":
         return tuple(_choice(value, INSTRUCTION_KINDS, label) for value in raw)
+    if key == "targets":
+        return tuple(_choice(value, TARGETS, label) for value in raw)
 
     return _string_tuple(raw, label)
+
+
+# Inclusive bounds of integer pools. Values beyond them only make builds slow.
+RANGES = {
+    "sparse_sizes": (0, 1 << 40),
+    "bulk_files": (0, 100_000),
+    "bulk_depths": (0, 8),
+    "stages": (1, 8),
+    "layers": (0, 1000),
+}
+
+
+def _bounded(value: Any, label: str, low: int, high: int) -> int:
+    number = _integer(value, label)
+    if not low <= number <= high:
+        raise ValueError(f"{label}: {number} is out of range; use {low} to {high}")
+    return number
+
+
+def _path_length(value: Any, label: str) -> int:
+    length = _integer(value, label)
+    if length != 0 and not 8 <= length <= 65536:
+        raise ValueError(f"{label}: use 0 (no long path) or 8 to 65536 bytes")
+    return length
+
+
+def _size_list(value: Any, label: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{label} entries must be non-empty lists of sizes")
+    return tuple(_bounded(size, label, 0, 1 << 30) for size in value)
+
+
+def _device(value: Any, label: str) -> tuple[int, int]:
+    major, _, minor = str(value).partition(":")
+    if not (major.isdigit() and minor.isdigit()):
+        raise ValueError(f"{label}: {value!r} is not a device number MAJOR:MINOR")
+    if int(major) >= 1 << 12 or int(minor) >= 1 << 20:
+        raise ValueError(f"{label}: {value!r} is out of range (major < 4096)")
+    return int(major), int(minor)
+
+
+def _xattr_set(value: Any, label: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{label} entries must be tables of names and values")
+    pairs = []
+    for name, text in value.items():
+        # Only the user namespace: security.* and trusted.* would change how
+        # the host treats the file, and user.* is what unprivileged tools set.
+        if not name.startswith("user.") or name == "user." or "\x00" in name:
+            raise ValueError(f"{label}: {name!r} is not a user.* attribute name")
+        if not isinstance(text, str):
+            raise ValueError(f"{label}: the value of {name!r} must be a string")
+        pairs.append((name, text))
+    size = sum(len(n.encode()) + len(t.encode()) for n, t in pairs)
+    if size > MAX_XATTR_BYTES:
+        raise ValueError(f"{label}: names and values exceed {MAX_XATTR_BYTES} bytes")
+    return tuple(pairs)
+
+
+def _dockerfile_path(value: Any, label: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{label} must be a list of strings")
+    for part in value.split("/"):
+        _file_name(part, label)
+    if value.split("/")[0] in (".dockerignore", BULK_DIR, DEEP_DIR):
+        raise ValueError(f"{label}: {value!r} clashes with a generated file")
+    # repro.sh passes the path inside double quotes.
+    if any(char in value for char in '"$`\\') or not value.isprintable():
+        raise ValueError(f"{label}: {value!r} needs quoting; use a plainer path")
+    return value
 
 
 def _enum(enum_type: Any, value: Any, label: str) -> Any:
@@ -221,6 +345,13 @@ def _choice(value: Any, choices: tuple[str, ...], label: str) -> str:
 def _file_name(value: Any, label: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{label} must be a list of strings")
+    if value.startswith(BYTES_PREFIX):
+        try:
+            raw = bytes.fromhex(value.removeprefix(BYTES_PREFIX))
+        except ValueError:
+            raise ValueError(f"{label}: {value!r} is not valid hex") from None
+        # Surrogate escapes, as os.fsdecode gives, keep the raw bytes.
+        value = os.fsdecode(raw)
     if value in ("", ".", "..") or "/" in value:
         raise ValueError(
             f"{label}: {value!r} is not a usable file name; "

@@ -5,24 +5,37 @@ is a 64-byte block repeated, see ``context.content_block``), imports the
 busybox base from a payload appended to the script when the case uses it,
 runs the same docker command that buildfuzz ran, and checks the log for
 the finding's error message.
+
+Besides bash and coreutils, a case with extended attributes needs
+``setfattr`` (Debian package ``attr``); the script checks for it first. A
+unix socket in the context is not recreated: no common shell tool leaves a
+socket node behind, so the script says so and goes on without it.
 """
 
 import base64
+import os
 import posixpath
 import re
 import shlex
 import stat
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from buildfuzz.baseimage import busybox_rootfs_tar
 from buildfuzz.build import IMAGE_NAME
-from buildfuzz.case import Case, ContextFile, FileKind, Output
-from buildfuzz.context import content_block
+from buildfuzz.bulk import BULK_MTIME_NS
+from buildfuzz.bulk import shell_commands as bulk_shell_commands
+from buildfuzz.case import BulkRecipe, Case, ContextFile, FileKind, Output
+from buildfuzz.context import archive_content, content_block
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
 
 PAYLOAD_MARKER = "__BUSYBOX_ROOTFS_BASE64__"
+# Paths longer than this many bytes are reached with a chain of cd commands,
+# because "$ctx" plus the path could pass PATH_MAX (4096 bytes).
+LONG_PATH_BYTES = 1024
 _PLACEHOLDER = re.compile(
     r'"<q>"|\'<q>\'|<(?:n|digest|id|path|ref|time|dur|q|uuid|image|name)>'
 )
@@ -57,6 +70,7 @@ def ansi_quote(text: str) -> str:
 def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
     """Return the text of ``repro.sh`` for ``case`` failing with ``signature``."""
     uses_busybox = any(BUSYBOX_IMAGE in line for line in case.dockerfile)
+    extra_tags = "".join(f" {shlex.quote(tag)}" for tag in case.tags)
     lines = [
         "#!/usr/bin/env bash",
         "# Reproduction written by buildfuzz; it needs only docker (and the buildx",
@@ -68,7 +82,7 @@ def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
         'work=$(mktemp -d "${TMPDIR:-/tmp}/buildfuzz-repro.XXXXXX")',
         f"image={IMAGE_NAME}-repro:latest",
         "cleanup() {",
-        '  docker image rm -f "$image" >/dev/null 2>&1',
+        f'  docker image rm -f "$image"{extra_tags} >/dev/null 2>&1',
         '  rm -rf "$work"',
         "}",
         "trap cleanup EXIT",
@@ -86,12 +100,10 @@ def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
         "",
         'ctx="$work/context"',
         'mkdir "$ctx"',
+        *_tool_checks(case),
         *_context_commands(case),
-        f'printf %s {ansi_quote(case.dockerfile_text)} > "$ctx/Dockerfile"',
+        *_dockerfile_commands(case),
     ]
-    if case.dockerignore is not None:
-        text = "\n".join(case.dockerignore) + "\n"
-        lines.append(f'printf %s {ansi_quote(text)} > "$ctx/.dockerignore"')
     if uses_busybox:
         lines += _busybox_import()
 
@@ -102,23 +114,105 @@ def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
     return script
 
 
+def _tool_checks(case: Case) -> list[str]:
+    if not any(entry.xattrs for entry in case.files):
+        return []
+    return [
+        "command -v setfattr >/dev/null || {",
+        '  echo "repro.sh: setfattr not found; install it (Debian package attr)" >&2',
+        "  exit 2",
+        "}",
+    ]
+
+
+def _dockerfile_commands(case: Case) -> list[str]:
+    name = case.dockerfile_name
+    commands = []
+    if posixpath.dirname(name):
+        commands.append(f'mkdir -p "$ctx"/{ansi_quote(posixpath.dirname(name))}')
+    path = f'"$ctx"/{ansi_quote(name)}'
+    commands.append(f"printf %s {ansi_quote(case.dockerfile_text)} > {path}")
+    if case.dockerignore is not None:
+        text = "".join(pattern + "\n" for pattern in case.dockerignore)
+        commands.append(f'printf %s {ansi_quote(text)} > "$ctx/.dockerignore"')
+    if case.dockerfile_dockerignore is not None:
+        text = "".join(pattern + "\n" for pattern in case.dockerfile_dockerignore)
+        specific = f'"$ctx"/{ansi_quote(name + ".dockerignore")}'
+        commands.append(f"printf %s {ansi_quote(text)} > {specific}")
+    return commands
+
+
 def _context_commands(case: Case) -> list[str]:
     commands = []
     for entry in case.files:
-        path = f'"$ctx"/{ansi_quote(entry.path)}'
         parent = posixpath.dirname(entry.path)
         if parent:
-            commands.append(f'mkdir -p "$ctx"/{ansi_quote(parent)}')
-        commands.append(_create(entry, path))
+            commands.append(_make_parents(parent))
+        commands.append(_at(entry.path, partial(_create, entry)))
+        for name, value in entry.xattrs:
+            commands.append(_at(entry.path, partial(_setfattr, name, value)))
+    if case.bulk is not None:
+        commands += _bulk_commands(case.bulk)
     for entry in sorted(case.files, key=lambda e: e.path.count("/"), reverse=True):
-        if entry.kind is FileKind.HARDLINK:
+        if entry.kind in (FileKind.HARDLINK, FileKind.SOCKET):
             continue
-        path = f'"$ctx"/{ansi_quote(entry.path)}'
-        commands.append(f"chown -h {entry.uid}:{entry.gid} {path}")
-        if entry.kind is not FileKind.SYMLINK:
-            commands.append(f"chmod {stat.S_IMODE(entry.mode):04o} {path}")
-        commands.append(f"touch -h -d @{_seconds(entry.mtime_ns)} {path}")
+        commands.append(_at(entry.path, partial(_attributes, entry)))
     return commands
+
+
+def _setfattr(name: str, value: str, path: str) -> str:
+    # setfattr reads a value starting with 0x or 0s as hex or base64, so the
+    # value always goes as hex. An empty value is an empty word.
+    encoded = value.encode("utf-8", "surrogateescape").hex()
+    value_word = f"0x{encoded}" if encoded else "''"
+    return f"setfattr -h -n {ansi_quote(name)} -v {value_word} {path}"
+
+
+def _attributes(entry: ContextFile, path: str) -> str:
+    commands = [f"chown -h {entry.uid}:{entry.gid} {path}"]
+    if entry.kind is not FileKind.SYMLINK:
+        commands.append(f"chmod {stat.S_IMODE(entry.mode):04o} {path}")
+    commands.append(f"touch -h -d @{_seconds(entry.mtime_ns)} {path}")
+    return " && ".join(commands)
+
+
+def _at(path: str, command: Callable[[str], str]) -> str:
+    """Return ``command`` applied to ``path`` in the context.
+
+    A long path is reached by changing into one directory at a time in a
+    subshell, so that no single file name given to a tool passes PATH_MAX.
+    """
+    if len(os.fsencode(path)) <= LONG_PATH_BYTES:
+        return command(f'"$ctx"/{ansi_quote(path)}')
+    parent, leaf = posixpath.split(path)
+    steps = ['cd -P "$ctx"']
+    steps += [f"cd -P {ansi_quote(part)}" for part in parent.split("/")]
+    return "(" + " && ".join([*steps, command(ansi_quote(leaf))]) + ")"
+
+
+def _make_parents(parent: str) -> str:
+    if len(os.fsencode(parent)) <= LONG_PATH_BYTES:
+        return f'mkdir -p "$ctx"/{ansi_quote(parent)}'
+    steps = ['cd -P "$ctx"']
+    for part in parent.split("/"):
+        quoted = ansi_quote(part)
+        steps.append(f"mkdir -p {quoted} && cd -P {quoted}")
+    return "(" + " && ".join(steps) + ")"
+
+
+def _bulk_commands(recipe: BulkRecipe) -> list[str]:
+    block = _octal(content_block(recipe.seed))
+    content = '"$work/bulk-content"'
+    return [
+        f"# The bulk recipe: {recipe.count} files under bulk/, each a prefix of",
+        "# one content file; see buildfuzz/bulk.py for the same loop in Python.",
+        f"fill {content} {max(recipe.sizes)} '{block}'",
+        *bulk_shell_commands(recipe, content, f"@{_seconds(BULK_MTIME_NS)}"),
+    ]
+
+
+def _octal(data: bytes) -> str:
+    return "".join(f"\\{byte:03o}" for byte in data)
 
 
 def _seconds(mtime_ns: int) -> str:
@@ -129,15 +223,29 @@ def _seconds(mtime_ns: int) -> str:
 
 
 def _create(entry: ContextFile, path: str) -> str:
-    if entry.kind is FileKind.FILE:
-        block = "".join(f"\\{byte:03o}" for byte in content_block(entry.seed))
-        return f"fill {path} {entry.size} '{block}'"
-    if entry.kind is FileKind.DIR:
+    kind = entry.kind
+    if kind is FileKind.FILE:
+        return f"fill {path} {entry.size} '{_octal(content_block(entry.seed))}'"
+    if kind is FileKind.SPARSE:
+        return f": > {path} && truncate -s {entry.size} {path}"
+    if kind is FileKind.ARCHIVE:
+        encoded = base64.b64encode(archive_content(entry.seed, entry.size)).decode()
+        return f"echo {encoded} | base64 -d > {path}"
+    if kind is FileKind.DIR:
         return f"mkdir -p {path}"
-    if entry.kind is FileKind.SYMLINK:
+    if kind is FileKind.SYMLINK:
         return f"ln -s {ansi_quote(entry.target)} {path}"
-    if entry.kind is FileKind.HARDLINK:
+    if kind is FileKind.HARDLINK:
         return f'ln "$ctx"/{ansi_quote(entry.target)} {path}'
+    if kind is FileKind.CHAR_DEVICE:
+        return f"mknod -m 0600 {path} c {entry.major} {entry.minor}"
+    if kind is FileKind.BLOCK_DEVICE:
+        return f"mknod -m 0600 {path} b {entry.major} {entry.minor}"
+    if kind is FileKind.SOCKET:
+        return (
+            f"echo {shlex.quote('repro.sh: not creating socket ' + repr(entry.path))}"
+            " >&2  # no common shell tool leaves a unix socket node behind"
+        )
     return f"mkfifo {path}"
 
 
@@ -181,7 +289,7 @@ def build_command(case: Case, *, classic: bool) -> list[str]:
         command += ["--platform", case.platform]
     for name, value in case.build_args:
         command += ["--build-arg", f"{name}={value}"]
-    return [*command, "$ctx"]
+    return [*command, *case.option_arguments("$ctx"), "$ctx"]
 
 
 def _build_commands(case: Case, timeout: float) -> list[str]:

@@ -36,7 +36,9 @@ class Rule:
         if self.dockerfile and not self.dockerfile.search(case.dockerfile_text):
             return False
         if self.dockerignore:
-            text = "\n".join(case.dockerignore or ())
+            # Both ignore files: BuildKit reads <Dockerfile>.dockerignore first.
+            patterns = (case.dockerignore or ()) + (case.dockerfile_dockerignore or ())
+            text = "\n".join(patterns)
             if not self.dockerignore.search(text):
                 return False
         if self.files and not self.files.search(context_listing(case)):

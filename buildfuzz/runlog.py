@@ -7,20 +7,33 @@ are computed from these files.
 """
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import IO, Any
 
 from buildfuzz import secrets
-from buildfuzz.case import Case
+from buildfuzz.case import DEEP_DIR, Case, ContextFile
 from buildfuzz.results import json_text, write_atomic
 from buildfuzz.session import CaseRecord
+from buildfuzz.strategies_context import XATTR_KINDS
+from buildfuzz.strategies_dockerfile import (
+    BASE_IMAGES,
+    FIRST_STAGE,
+    instruction_kinds,
+    layer_count,
+    stage_count,
+)
 
 RUNS_DIR = "runs"
 
 
 def axis_values(case: Case) -> dict[str, list[str]]:
-    """Return the value each axis took in ``case``, as strings."""
+    """Return the value each axis took in ``case``, as strings.
+
+    Values of the axes that profiles name are written as ``value_label``
+    writes a pool value, so that ``buildfuzz strategies`` can count them.
+    """
     base = case.dockerfile[0].removeprefix("FROM ") if case.dockerfile else ""
     instructions = [line.split(" ", 1)[0] for line in case.dockerfile[1:]]
     flags = [
@@ -29,7 +42,9 @@ def axis_values(case: Case) -> dict[str, list[str]]:
         for word in line.split()
         if word.startswith("--")
     ]
-    return {
+    files = [f for f in case.files if not f.path.startswith(DEEP_DIR + "/")]
+    deep = [f for f in case.files if f.path.startswith(DEEP_DIR + "/")]
+    values = {
         "engine": [case.engine],
         "builder": [case.builder],
         "platform": [case.platform or "(default)"],
@@ -39,7 +54,9 @@ def axis_values(case: Case) -> dict[str, list[str]]:
         "instruction flag": sorted(set(flags)),
         "file count": [str(len(case.files))],
         "file kind": sorted({str(f.kind) for f in case.files}),
-        "file size": sorted({str(f.size) for f in case.files if f.kind == "file"}),
+        "file size": sorted(
+            {str(f.size) for f in case.files if f.kind in ("file", "archive")}
+        ),
         "file mode": sorted({f"{f.mode:04o}" for f in case.files}),
         "file owner": sorted(
             {str(f.uid) for f in case.files} | {str(f.gid) for f in case.files}
@@ -47,6 +64,79 @@ def axis_values(case: Case) -> dict[str, list[str]]:
         "file mtime_ns": sorted({str(f.mtime_ns) for f in case.files}),
         "dockerignore": ["yes" if case.dockerignore is not None else "no"],
         "build args": [str(len(case.build_args))],
+    }
+    values |= _engine_values(case)
+    values |= _context_values(case, files, deep)
+    values |= _dockerfile_values(case)
+    return values
+
+
+def value_label(value: object) -> str:
+    """Write one pool value the way run logs record it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == "" or value == ():
+        return "(none)"
+    if isinstance(value, tuple) and all(isinstance(v, tuple) for v in value):
+        return ",".join("=".join(str(part) for part in pair) for pair in value)
+    if isinstance(value, tuple):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
+def _engine_values(case: Case) -> dict[str, list[str]]:
+    return {
+        "storage driver": [case.storage_driver or "(default)"],
+        "containerd store": [value_label(case.containerd_store)],
+        "data root MiB": [str(case.data_root_mib)],
+        "memory MiB": [str(case.memory_mib)],
+        "build arg": sorted(f"{name}={value}" for name, value in case.build_args),
+        "target": ["first" if case.target == FIRST_STAGE else value_label(case.target)],
+        "no cache": [value_label(case.no_cache)],
+        "extra tags": [value_label(case.tags)],
+    }
+
+
+def _context_values(
+    case: Case, files: list[ContextFile], deep: list[ContextFile]
+) -> dict[str, list[str]]:
+    bulk = case.bulk
+    patterns = (case.dockerignore or ()) + (case.dockerfile_dockerignore or ())
+    return {
+        "file name": sorted({part for f in files for part in f.path.split("/")}),
+        "dir mode": sorted({f"{f.mode:04o}" for f in files if f.kind == "dir"}),
+        "sparse size": sorted({str(f.size) for f in files if f.kind == "sparse"}),
+        "device": sorted(
+            {f"{f.major}:{f.minor}" for f in files if f.kind.endswith("-device")}
+        ),
+        "xattrs": sorted(
+            {value_label(f.xattrs) for f in files if f.kind in XATTR_KINDS}
+        ),
+        "symlink target": sorted({f.target for f in files if f.kind == "symlink"}),
+        "path length": [str(len(os.fsencode(f.path))) for f in deep] or ["0"],
+        "dockerignore pattern": sorted(set(patterns)),
+        "dockerfile dockerignore": [
+            value_label(case.dockerfile_dockerignore is not None)
+        ],
+        "bulk files": [str(bulk.count) if bulk else "0"],
+        "bulk sizes": [value_label(bulk.sizes)] if bulk else [],
+        "bulk depth": [str(bulk.depth)] if bulk else [],
+    }
+
+
+def _dockerfile_values(case: Case) -> dict[str, list[str]]:
+    bases = []
+    for line in case.dockerfile:
+        if line.startswith("FROM "):
+            image = line.split()[1]
+            names = {image: name for name, image in BASE_IMAGES.items()}
+            bases.append(names.get(image, "stage"))
+    return {
+        "base name": sorted(set(bases)),
+        "instruction kind": sorted(set(instruction_kinds(case.dockerfile, case.files))),
+        "stages": [str(stage_count(case.dockerfile))],
+        "layers": [str(layer_count(case.dockerfile))],
+        "dockerfile path": [case.dockerfile_name],
     }
 
 

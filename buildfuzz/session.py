@@ -13,17 +13,17 @@ import structlog
 from python_on_whales import DockerException
 
 from buildfuzz.baseimage import import_busybox
-from buildfuzz.build import BuildResult, CaseRunner
+from buildfuzz.build import BuildResult, CaseRunner, Inspector
 from buildfuzz.buildx_builders import BuilderPool
+from buildfuzz.buildx_versions import ensure_buildx_plugin
 from buildfuzz.case import Case
 from buildfuzz.client import ClientTools
-from buildfuzz.definitions import Definitions
+from buildfuzz.definitions import BuilderDefinition, Definitions
 from buildfuzz.engine import EngineOptions, SandboxEngine
 from buildfuzz.errors import EngineError
 from buildfuzz.external import ExternalEngine
-from buildfuzz.buildx_versions import ensure_buildx_plugin
-from buildfuzz.definitions import BuilderDefinition
 from buildfuzz.install import CLIENT_TREE, busybox_binary, engine_tree
+from buildfuzz.oracle_suite import OracleSuite
 from buildfuzz.packages import tree_path
 from buildfuzz.rules import Rule
 from buildfuzz.verdict import Evaluation, judge
@@ -64,8 +64,14 @@ class Session:
         build_timeout: float,
         strict: bool = False,
         on_case: Callable[[CaseRecord], None] | None = None,
+        oracles: OracleSuite | None = None,
     ) -> None:
         self.definitions = definitions
+        # Oracles beyond the exit status (see oracle_suite); the differential
+        # one builds on this session's engines through _rebuild.
+        self.oracles = oracles or OracleSuite(definitions)
+        self.oracles.rebuild = self._rebuild
+        self.oracles.docker_for = lambda case: self.tools.docker(self.engine(case).host)
         self.tools = tools
         self.run_dir = run_dir
         self.rules = rules
@@ -157,8 +163,9 @@ class Session:
         target = f"{engine.label}/{case.builder}"
         if target in self.unusable:
             raise EngineUnavailable(target, self.unusable[target])
+        checks = self.oracles.start(case, engine, self.tools.docker(engine.host))
         try:
-            result = self._runners[engine.label].run(case)
+            result = self._runners[engine.label].run(case, checks.inspect)
         except EngineError as error:
             # The builder itself could not be set up on this engine.
             self.unusable[target] = str(error)
@@ -169,6 +176,7 @@ class Session:
             )
             raise EngineUnavailable(target, str(error)) from None
 
+        reports = checks.finish(result)
         tail = ""
         if not result.succeeded and not engine.is_healthy():
             result.engine_alive = False
@@ -188,11 +196,20 @@ class Session:
             rules=self.rules,
             strict=self.strict,
             daemon_log_tail=tail,
+            reports=reports,
         )
         record = CaseRecord(case, result, evaluation)
         if self.on_case is not None:
             self.on_case(record)
         return record
+
+    def _rebuild(self, case: Case, inspect: Inspector) -> BuildResult:
+        """Build ``case`` without judging it: an oracle's second build."""
+        try:
+            engine = self.engine(case)
+        except EngineUnavailable as error:
+            raise EngineError(str(error)) from None
+        return self._runners[engine.label].run(case, inspect)
 
     def close(self) -> None:
         for label in list(self.engines):

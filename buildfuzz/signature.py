@@ -20,6 +20,7 @@ class Phase(StrEnum):
     PULL = "pull"  # resolving or pulling a base image
     SOLVE = "solve"  # running a build step
     EXPORT = "export"  # exporting the result
+    RESULT = "result"  # the build succeeded, but its result is wrong (an oracle)
     LOAD = "load"  # `docker load` of an exported image
     ENGINE = "engine"  # the daemon crashed or stopped answering
     HANG = "hang"  # the build did not finish within its timeout

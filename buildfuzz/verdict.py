@@ -1,5 +1,13 @@
-"""Judge a build: pass, expected failure or finding."""
+"""Judge a build: pass, expected failure or finding.
 
+A build's own outcome decides first: a failure is a finding unless a rule
+explains it. Oracles then judge what a build left behind (its file tree,
+its image, the daemon's health); their reports turn a pass or an expected
+failure into a finding, unless an expected-failure rule explains the
+report's message too.
+"""
+
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -26,8 +34,20 @@ class Oracle(StrEnum):
     """What decided that a build is a finding."""
 
     BUILD_ERROR = "build-error"  # the build failed and no rule explains it
-    ENGINE_HEALTH = "engine-health"  # the daemon died or stopped answering
+    ENGINE_HEALTH = "engine-health"  # the daemon died, panicked or leaked
     TIMEOUT = "timeout"  # the build hung
+    TREE = "tree"  # the built file tree is not the one the case implies
+    DIFFERENTIAL = "differential"  # two builders gave different trees
+    SECRET = "secret"  # a secret value is in the image or its output
+
+
+# The order in which oracle reports win when several fire for one build.
+ORACLE_ORDER = (
+    Oracle.ENGINE_HEALTH,
+    Oracle.SECRET,
+    Oracle.TREE,
+    Oracle.DIFFERENTIAL,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +56,16 @@ class Evaluation:
     signature: Signature | None = None
     oracle: Oracle | None = None
     rule: str | None = None
+    detail: str = ""  # what the oracle saw, such as a tree diff (diff.txt)
+
+
+@dataclass(frozen=True)
+class OracleReport:
+    """An oracle's objection to a build, with the text that explains it."""
+
+    oracle: Oracle
+    signature: Signature
+    detail: str = ""
 
 
 def judge(
@@ -46,8 +76,45 @@ def judge(
     rules: tuple[Rule, ...],
     strict: bool = False,
     daemon_log_tail: str = "",
+    reports: Sequence[OracleReport] = (),
 ) -> Evaluation:
-    """Decide the verdict of ``result``, the build of ``case``."""
+    """Decide the verdict of ``result``, the build of ``case``.
+
+    ``reports`` come from the oracles that inspected the build; the first
+    one in ``ORACLE_ORDER`` that no rule explains makes a pass or an
+    expected failure a finding.
+    """
+    evaluation = _judge_build(
+        case,
+        result,
+        classic=classic,
+        rules=rules,
+        strict=strict,
+        daemon_log_tail=daemon_log_tail,
+    )
+    if evaluation.verdict is Verdict.FINDING:
+        return evaluation
+    for report in sorted(reports, key=lambda r: ORACLE_ORDER.index(r.oracle)):
+        text = f"{report.signature.message}\n{report.detail}"
+        rule = None if strict else matching_rule(rules, case, text)
+        if rule is None:
+            return Evaluation(
+                Verdict.FINDING, report.signature, report.oracle, detail=report.detail
+            )
+        if evaluation.verdict is Verdict.PASS:
+            evaluation = Evaluation(Verdict.EXPECTED, report.signature, rule=rule.id)
+    return evaluation
+
+
+def _judge_build(
+    case: Case,
+    result: BuildResult,
+    *,
+    classic: bool,
+    rules: tuple[Rule, ...],
+    strict: bool,
+    daemon_log_tail: str,
+) -> Evaluation:
     if not result.engine_alive:
         return Evaluation(
             Verdict.FINDING, engine_signature(daemon_log_tail), Oracle.ENGINE_HEALTH

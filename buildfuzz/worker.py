@@ -22,6 +22,7 @@ from buildfuzz.client import ClientTools
 from buildfuzz.finding_writer import FindingWriter, WrittenFindings
 from buildfuzz.fuzzer import FindingEvent, Fuzzer, Stats
 from buildfuzz.install import CLIENT_TREE
+from buildfuzz.oracle_suite import oracle_suite
 from buildfuzz.packages import tree_path
 from buildfuzz.progress import Progress
 from buildfuzz.regression import check_known_findings
@@ -99,6 +100,7 @@ def run_worker(
             build_timeout=options.build_timeout,
             strict=options.strict,
             on_case=on_case,
+            oracles=oracle_suite(prepared.definitions, options.differential),
         )
         writer = FindingWriter(
             store,

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 
 from buildfuzz.case import (
     CASE_SCHEMA,
+    BulkRecipe,
     Case,
     ContextFile,
     FileKind,
@@ -206,7 +207,14 @@ def test_escaping_symlink_target_is_kept() -> None:
     ("changes", "words"),
     [
         ({"output": "registry"}, "'registry' is not a valid Output"),
-        ({"files": [{"path": "a", "kind": "socket"}]}, "'socket'"),
+        ({"files": [{"path": "a", "kind": "whiteout"}]}, "'whiteout'"),
+        ({"files": [{"path": "a", "xattrs": [["user.a", "1"]]}]}, "files.xattrs"),
+        ({"bulk": {"count": 3, "sizes": []}}, "bulk.sizes"),
+        ({"bulk": {"count": 3, "colour": 1}}, "unknown bulk fields: colour"),
+        ({"bulk": {"count": -1}}, "bulk count, sizes and depth"),
+        ({"no_cache": "yes"}, "no_cache must be true or false"),
+        ({"tags": "a"}, "tags must be a list of strings"),
+        ({"dockerfile_name": "../Dockerfile"}, "'../Dockerfile'"),
         ({"files": [{"path": "a", "size": "1"}]}, "files.size must be an integer"),
         ({"files": [{"path": "a", "mode": True}]}, "files.mode must be an integer"),
         ({"files": [{"path": 3}]}, "files.path must be a string"),
@@ -279,3 +287,71 @@ def test_dockerfile_text_ends_with_newline() -> None:
     case = Case(dockerfile=("FROM scratch", "COPY . /ctx/"))
 
     assert case.dockerfile_text == "FROM scratch\nCOPY . /ctx/\n"
+
+
+WIDE_CASE = Case(
+    files=(
+        ContextFile("d", FileKind.CHAR_DEVICE, major=1, minor=3),
+        ContextFile("x", size=1, xattrs=(("user.a", "1"), ("user.b", ""))),
+        ContextFile("s", FileKind.SPARSE, size=1 << 33),
+    ),
+    bulk=BulkRecipe(count=1000, sizes=(0, 512), depth=3, seed=7),
+    dockerfile_name="docker/Dockerfile",
+    dockerfile_dockerignore=("*", "!a"),
+    target="stage0",
+    no_cache=True,
+    tags=("buildfuzz-case:second",),
+)
+
+
+def test_new_fields_round_trip(tmp_path) -> None:
+    path = tmp_path / "case.json"
+    path.write_text(WIDE_CASE.to_json())
+
+    assert load_case(path) == WIDE_CASE
+
+
+def test_bulk_recipe_stays_compact() -> None:
+    data = json.loads(WIDE_CASE.to_json())
+
+    assert data["bulk"] == {"count": 1000, "sizes": [0, 512], "depth": 3, "seed": 7}
+    assert len(WIDE_CASE.to_json()) < 2000
+
+
+def test_default_new_fields_are_left_out() -> None:
+    data = Case(files=(ContextFile("a"),)).to_dict()
+
+    for name in ("bulk", "dockerfile_name", "target", "no_cache", "tags"):
+        assert name not in data
+    assert "dockerfile_dockerignore" not in data
+    assert set(data["files"][0]) == {
+        "path", "kind", "size", "mode", "uid", "gid", "mtime_ns", "seed", "target",
+    }  # fmt: skip
+
+
+def test_old_case_json_still_loads() -> None:
+    # A case.json as buildfuzz wrote it before the bulk recipe and the new
+    # file kinds existed.
+    old = {
+        "build_args": {},
+        "builder": "classic",
+        "containerd_store": False,
+        "data_root_mib": 0,
+        "dockerfile": ["FROM scratch", "COPY . /ctx/"],
+        "dockerignore": None,
+        "engine": "26.1",
+        "files": [{"gid": 0, "kind": "file", "mode": 420, "mtime_ns": 0,
+                   "path": "a", "seed": 1, "size": 3, "target": "", "uid": 0}],
+        "memory_mib": 0,
+        "output": "load",
+        "platform": "",
+        "schema": 1,
+        "storage_driver": "",
+    }  # fmt: skip
+
+    case = case_from_dict(old)
+
+    assert case.bulk is None
+    assert case.dockerfile_name == "Dockerfile"
+    assert case.files[0].xattrs == ()
+    assert json.loads(case.to_json()) == old

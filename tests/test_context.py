@@ -5,16 +5,25 @@ The tests run as root, because only root can give files other owners.
 
 import os
 import stat
+import tarfile
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 
-from buildfuzz.case import Case, ContextFile, FileKind, Output
-from buildfuzz.context import content_block, file_content, materialize
+from buildfuzz.bulk import BULK_MTIME_NS, bulk_dirs, bulk_files
+from buildfuzz.case import BulkRecipe, Case, ContextFile, FileKind, Output
+from buildfuzz.context import (
+    archive_content,
+    content_block,
+    file_content,
+    materialize,
+)
 from buildfuzz.profile import load_profile
 from buildfuzz.strategies import Target, cases
+from buildfuzz.strategies_context import long_path
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for chown")
 
@@ -29,6 +38,11 @@ FILE_TYPES = {
     FileKind.DIR: stat.S_IFDIR,
     FileKind.SYMLINK: stat.S_IFLNK,
     FileKind.FIFO: stat.S_IFIFO,
+    FileKind.SPARSE: stat.S_IFREG,
+    FileKind.ARCHIVE: stat.S_IFREG,
+    FileKind.CHAR_DEVICE: stat.S_IFCHR,
+    FileKind.BLOCK_DEVICE: stat.S_IFBLK,
+    FileKind.SOCKET: stat.S_IFSOCK,
 }
 
 CASE = Case(
@@ -194,5 +208,224 @@ def test_generated_context_matches_case(case: Case) -> None:
         context = materialize(case, Path(directory) / "context")
 
         for entry in case.files:
-            check_entry(context, entry)
-        assert (context / "Dockerfile").read_text() == case.dockerfile_text
+            check_wide_entry(context, entry)
+        dockerfile = context / case.dockerfile_name
+        assert dockerfile.read_text(errors="surrogateescape") == case.dockerfile_text
+
+
+# The widened entries: devices, sockets, sparse files, extended attributes,
+# archives, raw byte names, paths beyond PATH_MAX and the bulk recipe.
+
+GIB = 1 << 30
+NIGHTLY = load_profile("nightly")
+# Every nightly axis, with the bulk recipe and file sizes kept small: a test
+# of materialize() needs each kind of entry, not gigabytes of content.
+SMALL_NIGHTLY = replace(
+    NIGHTLY,
+    context=replace(
+        NIGHTLY.context,
+        sizes=(0, 1, 513),
+        bulk_files=(0, 100),
+        bulk_sizes=((0, 1, 700),),
+    ),
+)
+NIGHTLY_CASES = cases(SMALL_NIGHTLY, TARGETS)
+
+
+def lstat_at(context: Path, path: str) -> os.stat_result:
+    """lstat a context path one directory at a time, so any length works."""
+    *parents, name = os.fsencode(path).split(b"/")
+    descriptor = os.open(context, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parents:
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=descriptor)
+            os.close(descriptor)
+            descriptor = child
+        return os.stat(name, dir_fd=descriptor, follow_symlinks=False)
+    finally:
+        os.close(descriptor)
+
+
+WIDE_CASE = Case(
+    files=(
+        ContextFile("null", FileKind.CHAR_DEVICE, major=1, minor=3, mode=0o666),
+        ContextFile("whiteout", FileKind.CHAR_DEVICE, major=0, minor=0),
+        ContextFile("loop", FileKind.BLOCK_DEVICE, major=7, minor=0, uid=1000),
+        ContextFile("sock", FileKind.SOCKET, mode=0o755, mtime_ns=0),
+        ContextFile("holes", FileKind.SPARSE, size=8 * GIB, mode=0o600),
+        ContextFile(
+            "attrs",
+            size=3,
+            xattrs=(("user.a", "1"), ("user.empty", ""), ("user.raw", "\udcff")),
+        ),
+        ContextFile("dir", FileKind.DIR, mode=0o300, xattrs=(("user.d", "x"),)),
+        ContextFile("dir/archive", FileKind.ARCHIVE, size=100, seed=4),
+        ContextFile("non-\udcffutf8", size=1, uid=2097152),
+        ContextFile("very-long-socket-name-" + "s" * 150, FileKind.SOCKET),
+        ContextFile(long_path(4200), size=5, seed=1, mtime_ns=-1),
+    ),
+    bulk=BulkRecipe(count=300, sizes=(0, 1, 700), depth=3, seed=9),
+    dockerfile=("FROM scratch", "COPY . /"),
+    dockerfile_name="docker/build.Dockerfile",
+    dockerfile_dockerignore=("*", "!a"),
+)
+
+
+@pytest.fixture(scope="module")
+def wide_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return materialize(WIDE_CASE, tmp_path_factory.mktemp("wide") / "context")
+
+
+@pytest.mark.parametrize("entry", WIDE_CASE.files, ids=lambda e: ascii(e.path[:30]))
+def test_wide_entry_has_type_and_attributes(
+    wide_context: Path, entry: ContextFile
+) -> None:
+    info = lstat_at(wide_context, entry.path)
+
+    assert stat.S_IFMT(info.st_mode) == FILE_TYPES[entry.kind]
+    assert stat.S_IMODE(info.st_mode) == stat.S_IMODE(entry.mode)
+    assert (info.st_uid, info.st_gid) == (entry.uid, entry.gid)
+    assert info.st_mtime_ns == entry.mtime_ns
+
+
+def test_device_numbers_are_kept(wide_context: Path) -> None:
+    null = os.lstat(wide_context / "null")
+    whiteout = os.lstat(wide_context / "whiteout")
+    loop = os.lstat(wide_context / "loop")
+
+    assert stat.S_ISCHR(null.st_mode)
+    assert (os.major(null.st_rdev), os.minor(null.st_rdev)) == (1, 3)
+    assert stat.S_ISCHR(whiteout.st_mode)
+    assert whiteout.st_rdev == 0
+    assert stat.S_ISBLK(loop.st_mode)
+    assert (os.major(loop.st_rdev), os.minor(loop.st_rdev)) == (7, 0)
+
+
+def test_sockets_are_nodes(wide_context: Path) -> None:
+    names = [entry.path for entry in WIDE_CASE.files if entry.kind == "socket"]
+
+    for name in names:
+        assert stat.S_ISSOCK(os.lstat(wide_context / name).st_mode), name
+    assert ".buildfuzz-socket" not in os.listdir(wide_context)
+
+
+def test_sparse_file_takes_no_disk(wide_context: Path) -> None:
+    info = os.lstat(wide_context / "holes")
+
+    assert info.st_size == 8 * GIB
+    assert info.st_blocks * 512 <= 64 * 1024
+
+
+def test_extended_attributes_are_set(wide_context: Path) -> None:
+    path = wide_context / "attrs"
+
+    assert sorted(os.listxattr(path)) == ["user.a", "user.empty", "user.raw"]
+    assert os.getxattr(path, "user.a") == b"1"
+    assert os.getxattr(path, "user.empty") == b""
+    assert os.getxattr(path, "user.raw") == b"\xff"
+    assert os.getxattr(wide_context / "dir", "user.d") == b"x"
+
+
+def test_raw_byte_name_is_kept(wide_context: Path) -> None:
+    names = os.listdir(os.fsencode(wide_context))
+
+    assert b"non-\xffutf8" in names
+
+
+def test_path_beyond_path_max_exists(wide_context: Path) -> None:
+    entry = WIDE_CASE.files[-1]
+
+    assert len(os.fsencode(entry.path)) == 4200
+    assert lstat_at(wide_context, entry.path).st_size == 5
+
+
+def test_archive_extracts_to_members(wide_context: Path) -> None:
+    with tarfile.open(wide_context / "dir" / "archive") as archive:
+        names = archive.getnames()
+        member = archive.extractfile("tarred/file")
+        assert member is not None
+        content = member.read()
+
+    assert names == ["tarred", "tarred/file", "tarred/link"]
+    assert content == file_content(4, 100)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_archive_compression_by_seed(seed: int) -> None:
+    magic = {0: b"\x1f\x8b", 1: b"BZh", 2: b"\xfd7zXZ"}
+
+    data = archive_content(seed, 10)
+
+    assert data.startswith(magic[seed])
+    assert data == archive_content(seed, 10)
+
+
+def test_dockerfile_and_its_ignore_file(wide_context: Path) -> None:
+    dockerfile = wide_context / "docker" / "build.Dockerfile"
+    ignore = wide_context / "docker" / "build.Dockerfile.dockerignore"
+
+    assert dockerfile.read_text() == "FROM scratch\nCOPY . /\n"
+    assert ignore.read_text() == "*\n!a\n"
+    assert not (wide_context / "Dockerfile").exists()
+    assert not (wide_context / ".dockerignore").exists()
+
+
+def test_bulk_recipe_expands_to_tree(wide_context: Path) -> None:
+    recipe = WIDE_CASE.bulk
+    assert recipe is not None
+    expected = dict(bulk_files(recipe))
+    found = {}
+    for directory, _, names in os.walk(wide_context / "bulk"):
+        for name in names:
+            path = Path(directory) / name
+            found[str(path.relative_to(wide_context))] = path
+
+    assert sorted(found) == sorted(expected)
+    for relative, path in found.items():
+        info = os.lstat(path)
+        assert info.st_size == expected[relative]
+        assert stat.S_IMODE(info.st_mode) == 0o644
+        assert info.st_mtime_ns == BULK_MTIME_NS
+        assert path.read_bytes() == file_content(recipe.seed, info.st_size)
+    for directory in bulk_dirs(recipe):
+        info = os.lstat(wide_context / directory)
+        assert stat.S_IMODE(info.st_mode) == 0o755
+        assert info.st_mtime_ns == BULK_MTIME_NS
+
+
+def test_bulk_names_depend_on_seed() -> None:
+    first = [path for path, _ in bulk_files(BulkRecipe(5, (0,), 2, 1))]
+    second = [path for path, _ in bulk_files(BulkRecipe(5, (0,), 2, 2))]
+
+    assert len(set(first)) == 5
+    assert all(path.count("/") == 3 for path in first)
+    assert set(first).isdisjoint(second)
+
+
+def check_wide_entry(context: Path, entry: ContextFile) -> None:
+    info = lstat_at(context, entry.path)
+
+    assert stat.S_IFMT(info.st_mode) == FILE_TYPES[entry.kind], entry
+    assert (info.st_uid, info.st_gid) == (entry.uid, entry.gid), entry
+    assert info.st_mtime_ns == entry.mtime_ns, entry
+    if entry.kind is not FileKind.SYMLINK:
+        assert stat.S_IMODE(info.st_mode) == stat.S_IMODE(entry.mode), entry
+    if entry.kind in (FileKind.FILE, FileKind.HARDLINK, FileKind.SPARSE):
+        assert info.st_size == entry.size, entry
+    if entry.kind in (FileKind.CHAR_DEVICE, FileKind.BLOCK_DEVICE):
+        assert os.major(info.st_rdev) == entry.major, entry
+        assert os.minor(info.st_rdev) == entry.minor, entry
+
+
+@settings(max_examples=25, deadline=None)
+@given(NIGHTLY_CASES)
+def test_generated_nightly_context_matches_case(case: Case) -> None:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as directory:
+        context = materialize(case, Path(directory) / "context")
+
+        for entry in case.files:
+            check_wide_entry(context, entry)
+        dockerfile = context / case.dockerfile_name
+        assert dockerfile.read_text(errors="surrogateescape") == case.dockerfile_text
+        if case.bulk is not None:
+            assert len(list((context / "bulk").rglob("*"))) >= case.bulk.count

@@ -43,7 +43,9 @@ def test_default_profile_loads() -> None:
     assert profile.rules == "expected"
     assert profile.builders == ("buildx-docker", "classic")
     assert FileKind.HARDLINK in profile.context.kinds
-    assert set(profile.dockerfile.instructions) == set(INSTRUCTION_KINDS)
+    nightly = load_profile("nightly")
+    assert set(nightly.dockerfile.instructions) == set(INSTRUCTION_KINDS)
+    assert set(profile.dockerfile.instructions) <= set(INSTRUCTION_KINDS)
     assert set(profile.dockerfile.bases) == set(BASES)
     assert profile.build.outputs == (Output.LOAD, Output.TAR, Output.LOCAL)
 
@@ -101,7 +103,8 @@ def test_unknown_key_is_rejected(tmp_path: Path, text: str, words: str) -> None:
         ('[dockerfile]\ninstructions = ["copy-all", "healthcheck"]\n', "healthcheck"),
         ('[dockerfile]\nbases = ["alpine"]\n', "alpine"),
         ('[build]\noutputs = ["load", "registry"]\n', "registry"),
-        ('[context]\nkinds = ["file", "socket"]\n', "socket"),
+        ('[context]\nkinds = ["file", "whiteout"]\n', "whiteout"),
+        ('[build]\ntargets = ["", "last"]\n', "last"),
     ],
 )
 def test_unknown_value_is_rejected(tmp_path: Path, text: str, value: str) -> None:
@@ -397,3 +400,69 @@ def test_string_name_list_is_rejected(tmp_path: Path, key: str) -> None:
     error = rules_error(tmp_path, text)
 
     assert key in str(error)
+
+
+# The widened axes
+
+
+def test_bytes_name_decodes_to_surrogates(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, '[context]\nnames = ["a", "bytes:6e6fff"]\n')
+
+    names = load_profile(str(path)).context.names
+
+    assert names[1] == "no\udcff"
+
+
+def test_new_pools_load(tmp_path: Path) -> None:
+    text = (
+        "[context]\n"
+        'devices = ["1:3", "0:0"]\n'
+        'xattrs = [{}, { "user.a" = "1", "user.b" = "" }]\n'
+        "bulk_sizes = [[0, 1], [512]]\n"
+        "path_lengths = [0, 4200]\n"
+        "[dockerfile]\n"
+        "stages = [1, 3]\n"
+        'paths = ["Dockerfile", "docker/Dockerfile"]\n'
+        "[build]\n"
+        'tags = [[], ["a:1", "b:2"]]\n'
+        "no_cache = [false, true]\n"
+    )
+
+    profile = load_profile(str(write_profile(tmp_path, text)))
+
+    assert profile.context.devices == ((1, 3), (0, 0))
+    assert profile.context.xattrs == ((), (("user.a", "1"), ("user.b", "")))
+    assert profile.context.bulk_sizes == ((0, 1), (512,))
+    assert profile.dockerfile.stages == (1, 3)
+    assert profile.build.tags == ((), ("a:1", "b:2"))
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[context]\nnames = ["bytes:zz"]\n', "not valid hex"),
+        ('[context]\nnames = ["bytes:2f"]\n', "not a usable file name"),
+        ('[context]\ndevices = ["1"]\n', "not a device number"),
+        ('[context]\ndevices = ["5000:1"]\n', "out of range"),
+        ('[context]\nxattrs = [{ "security.x" = "1" }]\n', "not a user.* attribute"),
+        ('[context]\nxattrs = [["user.a"]]\n', "tables of names and values"),
+        ("[context]\npath_lengths = [3]\n", "8 to 65536 bytes"),
+        ("[context]\nbulk_files = [1000000]\n", "out of range"),
+        ("[context]\nbulk_sizes = [[]]\n", "non-empty lists of sizes"),
+        ("[dockerfile]\nstages = [0]\n", "out of range"),
+        ('[dockerfile]\npaths = ["bulk/Dockerfile"]\n', "clashes"),
+        ('[dockerfile]\npaths = ["$x"]\n', "needs quoting"),
+    ],
+)
+def test_bad_new_pool_is_rejected(tmp_path: Path, text: str, words: str) -> None:
+    error = profile_error(tmp_path, text)
+
+    assert words in str(error)
+
+
+@pytest.mark.parametrize("name", ["default", "nightly", "context", "images"])
+def test_shipped_profiles_load(name: str) -> None:
+    profile = load_profile(name)
+
+    assert profile.description
+    assert name in available_profiles()

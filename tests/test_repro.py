@@ -1,7 +1,9 @@
 """Tests of repro.sh: the signature pattern, shell quoting and the script."""
 
+import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -11,12 +13,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from buildfuzz.case import Case, ContextFile, FileKind, Output
+from buildfuzz.bulk import bulk_dirs, bulk_files
+from buildfuzz.case import BulkRecipe, Case, ContextFile, FileKind, Output
 from buildfuzz.context import file_content, materialize
 from buildfuzz.install import busybox_binary
-from buildfuzz.repro import ansi_quote, render_repro, signature_pattern
+from buildfuzz.repro import (
+    ansi_quote,
+    build_command,
+    render_repro,
+    signature_pattern,
+)
 from buildfuzz.signature import Phase, Signature, normalise
 from buildfuzz.strategies import BUSYBOX_IMAGE
+from buildfuzz.strategies_context import long_path
 
 RAW_MESSAGES = [
     "failed to compute cache key: failed to calculate checksum of ref "
@@ -309,3 +318,225 @@ def test_script_imports_busybox(tmp_path: Path) -> None:
         assert busybox is not None
         assert busybox.read() == Path(busybox_binary()).read_bytes()
         assert archive.getmember("bin/sh").linkname == "busybox"
+
+
+# The widened context: the script must build the same tree as materialize().
+
+# A stand-in for docker that moves the context out of the script's work
+# directory instead of copying it: cp -a fails on paths beyond PATH_MAX.
+DOCKER_MOVE = """#!/bin/bash
+case "$1" in
+  image) exit 0 ;;
+esac
+printf '%s\\n' "$@" > "$SAVE_TO/arguments"
+mv "${@: -1}" "$SAVE_TO/context"
+printf '#4 ERROR: %s\\n' "$MESSAGE"
+exit 1
+"""
+SETFATTR_MISSING = shutil.which("setfattr") is None
+
+
+def run_moving_script(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(DOCKER_MOVE)
+    (bin_dir / "docker").chmod(0o755)
+    save_to = tmp_path / "saved"
+    save_to.mkdir()
+    (tmp_path / "repro.sh").write_text(script, errors="surrogateescape")
+    environment = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "TMPDIR": str(tmp_path),
+        "SAVE_TO": str(save_to),
+        "MESSAGE": RAW_MESSAGE,
+    }
+    return subprocess.run(
+        ["bash", str(tmp_path / "repro.sh")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        errors="surrogateescape",
+        check=False,
+        timeout=120,
+    )
+
+
+def tree(context: Path, timed: set[bytes]) -> dict[bytes, tuple[object, ...]]:
+    """Return every entry under ``context`` with its type, attributes and data.
+
+    mtimes count only for ``timed`` paths: directories that exist only as
+    parents get the time they were made.
+    """
+    entries = {}
+    root = os.fsencode(context)
+    for directory, names, files, descriptor in os.fwalk(root):
+        relative_dir = os.path.relpath(directory, root)
+        for name in names + files:
+            relative = os.path.normpath(os.path.join(relative_dir, name))
+            info = os.stat(name, dir_fd=descriptor, follow_symlinks=False)
+            data: object = b""
+            if stat.S_ISREG(info.st_mode) and info.st_size <= 1 << 24:
+                fd = os.open(name, os.O_RDONLY, dir_fd=descriptor)
+                with os.fdopen(fd, "rb") as stream:
+                    data = hashlib.sha256(stream.read()).hexdigest()
+            elif stat.S_ISREG(info.st_mode):
+                data = ("holes", info.st_blocks <= 128)
+            elif stat.S_ISLNK(info.st_mode):
+                data = os.readlink(name, dir_fd=descriptor)
+            xattrs: list[tuple[str, bytes]] = []
+            if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                path = f"/proc/self/fd/{descriptor}/".encode() + name
+                xattrs = sorted(
+                    (attribute, os.getxattr(path, attribute))
+                    for attribute in os.listxattr(path)
+                )
+            entries[relative] = (
+                info.st_mode,
+                info.st_uid,
+                info.st_gid,
+                info.st_size if not stat.S_ISDIR(info.st_mode) else 0,
+                info.st_rdev,
+                info.st_nlink if stat.S_ISREG(info.st_mode) else 0,
+                info.st_mtime_ns if relative in timed else None,
+                data,
+                xattrs,
+            )
+    return entries
+
+
+def timed_paths(case: Case) -> set[bytes]:
+    paths = {os.fsencode(entry.path) for entry in case.files}
+    if case.bulk is not None:
+        paths |= {os.fsencode(path) for path, _ in bulk_files(case.bulk)}
+        paths |= {os.fsencode(path) for path in bulk_dirs(case.bulk)}
+    return paths
+
+
+WIDE_CASE = Case(
+    files=(
+        ContextFile("dir", FileKind.DIR, mode=0o300, xattrs=(("user.d", "x"),)),
+        ContextFile("dir/null", FileKind.CHAR_DEVICE, major=1, minor=3, uid=1000),
+        ContextFile("whiteout", FileKind.CHAR_DEVICE, major=0, minor=0),
+        ContextFile("loop", FileKind.BLOCK_DEVICE, major=7, minor=0, mode=0o640),
+        ContextFile("holes", FileKind.SPARSE, size=8 << 30, mtime_ns=-1),
+        ContextFile(
+            "attrs",
+            size=70,
+            seed=3,
+            xattrs=(("user.a", "1"), ("user.empty", ""), ("user.q", "it's $x\n")),
+        ),
+        ContextFile("archive", FileKind.ARCHIVE, size=1000, seed=1),
+        ContextFile("non-\udcffutf8", size=2, gid=4294967294),
+        ContextFile(long_path(120), size=3),
+    ),
+    bulk=BulkRecipe(count=300, sizes=(0, 1, 700, 70000), depth=3, seed=12),
+    dockerignore=("*.txt",),
+    dockerfile=("FROM scratch", "COPY . /"),
+    dockerfile_name="docker/build.Dockerfile",
+    dockerfile_dockerignore=("!a",),
+)
+
+
+@pytest.mark.skipif(SETFATTR_MISSING, reason="needs setfattr (Debian package attr)")
+def test_script_recreates_wide_context(tmp_path: Path) -> None:
+    script = render_repro(WIDE_CASE, Signature(Phase.SOLVE, MESSAGE), timeout=60)
+    expected = materialize(WIDE_CASE, tmp_path / "expected")
+
+    completed = run_moving_script(script, tmp_path)
+
+    assert "buildfuzz repro: REPRODUCED" in completed.stdout, completed.stderr
+    saved = tmp_path / "saved" / "context"
+    timed = timed_paths(WIDE_CASE)
+    assert tree(saved, timed) == tree(expected, timed)
+
+
+def test_script_recreates_path_beyond_path_max(tmp_path: Path) -> None:
+    case = Case(files=(ContextFile(long_path(4200), size=70, seed=2, mode=0o600),))
+    script = render_repro(case, Signature(Phase.SOLVE, MESSAGE), timeout=60)
+    expected = materialize(case, tmp_path / "expected")
+
+    completed = run_moving_script(script, tmp_path)
+
+    assert "REPRODUCED" in completed.stdout, completed.stderr
+    timed = timed_paths(case)
+    assert tree(tmp_path / "saved" / "context", timed) == tree(expected, timed)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 255])
+def test_script_bulk_loop_matches_python(tmp_path: Path, seed: int) -> None:
+    case = Case(bulk=BulkRecipe(count=200, sizes=(0, 65, 300), depth=2, seed=seed))
+    script = render_repro(case, Signature(Phase.SOLVE, MESSAGE), timeout=60)
+    expected = materialize(case, tmp_path / "expected")
+
+    completed = run_moving_script(script, tmp_path)
+
+    assert "REPRODUCED" in completed.stdout, completed.stderr
+    timed = timed_paths(case)
+    assert tree(tmp_path / "saved" / "context", timed) == tree(expected, timed)
+
+
+def test_bulk_recipe_is_a_loop_not_a_listing() -> None:
+    case = Case(bulk=BulkRecipe(count=10000, sizes=(0, 512), depth=4, seed=3))
+
+    script = render_repro(case, Signature(Phase.SOLVE, MESSAGE), timeout=60)
+
+    assert "for ((i = 0; i < 10000; i++)); do" in script
+    assert len(script) < 10000
+
+
+def test_socket_is_skipped_with_a_note(tmp_path: Path) -> None:
+    case = Case(files=(ContextFile("sock", FileKind.SOCKET), ContextFile("a")))
+    script = render_repro(case, Signature(Phase.SOLVE, MESSAGE), timeout=60)
+
+    completed = run_moving_script(script, tmp_path)
+
+    assert "not creating socket 'sock'" in completed.stderr
+    assert sorted(os.listdir(tmp_path / "saved" / "context")) == ["Dockerfile", "a"]
+
+
+def test_script_checks_for_setfattr() -> None:
+    with_attrs = Case(files=(ContextFile("a", xattrs=(("user.a", "1"),)),))
+
+    script = render_repro(with_attrs, Signature(Phase.SOLVE, MESSAGE), timeout=60)
+    plain = render_repro(scratch_case(), Signature(Phase.SOLVE, MESSAGE), timeout=60)
+
+    assert "command -v setfattr" in script
+    assert "command -v setfattr" not in plain
+
+
+@pytest.mark.parametrize("builder", ["buildx-docker", "classic"])
+def test_script_passes_build_options(tmp_path: Path, builder: str) -> None:
+    case = Case(
+        dockerfile=("FROM scratch AS stage0", "COPY . /"),
+        dockerfile_name="docker/build.Dockerfile",
+        target="stage0",
+        no_cache=True,
+        tags=("buildfuzz-case:second", "localhost/x/y:1"),
+        builder=builder,
+    )
+    script = render_repro(case, Signature(Phase.SOLVE, MESSAGE), timeout=60)
+
+    completed = run_moving_script(script, tmp_path)
+
+    arguments = (tmp_path / "saved" / "arguments").read_text().splitlines()
+    context = arguments[-1]
+    assert "REPRODUCED" in completed.stdout, completed.stderr
+    assert arguments[arguments.index("--file") + 1] == (
+        f"{context}/docker/build.Dockerfile"
+    )
+    assert arguments[arguments.index("--target") + 1] == "stage0"
+    assert "--no-cache" in arguments
+    tags = [arguments[i + 1] for i, word in enumerate(arguments) if word == "--tag"]
+    assert tags[1:] == ["buildfuzz-case:second", "localhost/x/y:1"]
+    assert 'docker image rm -f "$image" buildfuzz-case:second localhost/x/y:1' in (
+        script
+    )
+
+
+def test_default_options_add_no_flags() -> None:
+    words = build_command(Case(), classic=False)
+
+    for flag in ("--file", "--target", "--no-cache"):
+        assert flag not in words
+    assert words.count("--tag") == 1

@@ -1,0 +1,177 @@
+"""The oracles that judge a build beyond its exit status, wired for a session.
+
+For every case, ``OracleSuite.start`` gives a ``CaseChecks``: its
+``inspect`` runs inside ``CaseRunner.run`` while the build's outputs still
+exist (the tree and secret oracles read them there), and its ``finish``
+runs after the build (engine health, and the differential oracle's second
+build). The reports go to ``verdict.judge``.
+
+Defaults: the tree, secret and engine-health oracles are on (a tree costs a
+read of the output, and ``docker image save`` for loaded images);
+the differential oracle is off, because it builds each covered case twice.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from python_on_whales import DockerClient, DockerException
+
+from buildfuzz.build import BuildResult
+from buildfuzz.case import Case
+from buildfuzz.definitions import Definitions
+from buildfuzz.engine import SandboxEngine
+from buildfuzz.errors import BuildfuzzError
+from buildfuzz.oracle_diff import Pair, counterpart, differential_report, parse_pairs
+from buildfuzz.oracle_health import EngineHealth, Snapshot
+from buildfuzz.oracle_known import KnownDifference, load_known_differences
+from buildfuzz.oracle_result import model, read_result, tree_report
+from buildfuzz.oracle_secret import find_leaks, secret_arguments, secret_report
+from buildfuzz.oracle_tree import Tree
+from buildfuzz.verdict import OracleReport
+
+log = structlog.get_logger(__name__)
+
+# Builds ``case`` on its engine and builder with an inspector, without judging.
+Rebuild = Callable[[Case, Callable[[BuildResult, Path], None]], BuildResult]
+
+
+@dataclass(frozen=True)
+class OracleSettings:
+    tree: bool = True
+    secret: bool = True
+    health: bool = True
+    differential: tuple[Pair, ...] = ()
+
+
+@dataclass
+class CaseChecks:
+    """The oracles' state for one case, from before its build to its verdict."""
+
+    suite: "OracleSuite"
+    case: Case
+    engine: object
+    docker: DockerClient
+    before: Snapshot | None = None
+    reports: list[OracleReport] = field(default_factory=list)
+    model: Tree | None = None
+    tree: Tree | None = None
+
+    def inspect(self, result: BuildResult, case_dir: Path) -> None:
+        """Read the build's outputs before the runner removes them."""
+        if not result.succeeded:
+            return
+        settings = self.suite.settings
+        try:
+            if settings.tree or settings.differential:
+                self._check_tree(result, case_dir)
+            if settings.secret:
+                self._check_secrets(result, case_dir)
+        except (OSError, DockerException, BuildfuzzError, ValueError) as error:
+            # An oracle that cannot look is no finding; the case says so.
+            result.notes.append(f"oracle could not inspect the build: {error}")
+            log.warning("oracle could not inspect the build", error=str(error)[:300])
+
+    def _check_tree(self, result: BuildResult, case_dir: Path) -> None:
+        self.model = model(self.case, result.notes)
+        if self.model is None:
+            return
+        self.tree = read_result(self.case, case_dir, self.docker)
+        if self.tree is None or not self.suite.settings.tree:
+            return
+        report = tree_report(
+            self.case, self.model, self.tree, self.suite.known, result.notes
+        )
+        if report is not None:
+            self.reports.append(report)
+
+    def _check_secrets(self, result: BuildResult, case_dir: Path) -> None:
+        values = secret_arguments(self.case)
+        if not values:
+            return
+        report = secret_report(find_leaks(self.case, case_dir, self.docker, values))
+        if report is not None:
+            self.reports.append(report)
+
+    def finish(self, result: BuildResult) -> list[OracleReport]:
+        """Check the engine and run the differential build; return every report."""
+        engine = self.engine
+        if self.before is not None and isinstance(engine, SandboxEngine):
+            report = self.suite.health.check(engine, self.before)
+            if report is not None:
+                self.reports.append(report)
+        if result.succeeded and self.model is not None and self.tree is not None:
+            self._differential(result)
+        return self.reports
+
+    def _differential(self, result: BuildResult) -> None:
+        suite = self.suite
+        other = counterpart(self.case, suite.settings.differential, suite.definitions)
+        if other is None or suite.rebuild is None:
+            return
+        trees: list[Tree] = []
+
+        def read_other(other_result: BuildResult, case_dir: Path) -> None:
+            if other_result.succeeded:
+                tree = read_result(other, case_dir, suite.docker_for(other))
+                if tree is not None:
+                    trees.append(tree)
+
+        try:
+            other_result = suite.rebuild(other, read_other)
+        except BuildfuzzError as error:
+            result.notes.append(f"differential oracle: {other.builder}: {error}")
+            return
+        if not trees:
+            result.notes.append(
+                f"differential oracle: no tree from {other.engine}/{other.builder}"
+                f" (exit status {other_result.exit_status})"
+            )
+            return
+        assert self.model is not None and self.tree is not None
+        report = differential_report(
+            self.model,
+            (self.case, self.tree),
+            (other, trees[0]),
+            suite.known,
+            result.notes,
+        )
+        if report is not None:
+            self.reports.append(report)
+
+
+class OracleSuite:
+    """The oracles of one session, with their state across cases."""
+
+    def __init__(
+        self,
+        definitions: Definitions,
+        settings: OracleSettings | None = None,
+        *,
+        known: tuple[KnownDifference, ...] | None = None,
+    ) -> None:
+        self.definitions = definitions
+        self.settings = settings or OracleSettings()
+        self.known = load_known_differences() if known is None else known
+        self.health = EngineHealth()
+        self.rebuild: Rebuild | None = None  # set by the session
+        self.docker_for: Callable[[Case], DockerClient] = _no_docker
+
+    def start(self, case: Case, engine: object, docker: DockerClient) -> CaseChecks:
+        checks = CaseChecks(self, case, engine, docker)
+        if self.settings.health and isinstance(engine, SandboxEngine):
+            checks.before = self.health.snapshot(engine)
+        return checks
+
+
+def oracle_suite(
+    definitions: Definitions, differential: tuple[str, ...] = ()
+) -> OracleSuite:
+    """Return the default oracles, with the differential pairs ``A:B`` given."""
+    pairs = parse_pairs(list(differential), definitions)
+    return OracleSuite(definitions, OracleSettings(differential=pairs))
+
+
+def _no_docker(case: Case) -> DockerClient:
+    raise BuildfuzzError("no docker client for the differential oracle")
