@@ -124,6 +124,7 @@ class FindingWriter:
                 "case.json": best.case.to_json(),
                 "original.json": original.case.to_json(),
                 "build.log": best.result.log + best.result.load_log,
+                "daemon.log": daemon_log(engine),
                 "environment.json": json_text(environment),
                 "repro.sh": render_repro(
                     best.case, signature, timeout=self.build_timeout
@@ -168,3 +169,19 @@ class FindingWriter:
             results_name=self.store.root.name,
         )
         write_atomic(directory / "README.md", page)
+
+
+DAEMON_LOG_BYTES = 256 * 1024  # the end of the daemon's log kept with a finding
+
+
+def daemon_log(engine: object) -> str:
+    """Return the end of the engine's daemon log, or why there is none."""
+    path = getattr(engine, "log_path", None)
+    try:
+        with open(path, "rb") as stream:  # type: ignore[arg-type]
+            stream.seek(0, 2)
+            size = stream.tell()
+            stream.seek(max(0, size - DAEMON_LOG_BYTES))
+            return stream.read().decode("utf-8", errors="replace")
+    except (OSError, TypeError):
+        return "(no daemon log: the engine was not started by buildfuzz)\n"

@@ -11,7 +11,7 @@ from buildfuzz.baseimage import import_busybox
 from buildfuzz.build import CaseRunner
 from buildfuzz.case import Case, ContextFile, FileKind, Output
 from buildfuzz.definitions import load_definitions
-from buildfuzz.engine import SandboxEngine
+from buildfuzz.engine import EngineOptions, SandboxEngine
 from buildfuzz.install import busybox_binary, engine_tree_name
 from buildfuzz.packages import tree_path
 from buildfuzz.session import Session
@@ -211,3 +211,51 @@ def test_session_builds_with_newer_buildx(run_dir: Path) -> None:
 
     assert record.evaluation.verdict == "pass", record.result.log[-1500:]
     assert "v0.38.2" in str(version)
+
+
+@pytest.mark.parametrize(
+    ("options", "driver"),
+    [
+        (EngineOptions(storage_driver="vfs"), "vfs"),
+        (EngineOptions(storage_driver="fuse-overlayfs"), "fuse-overlayfs"),
+        (EngineOptions(containerd_store=True), "overlayfs"),
+        (EngineOptions(data_root_mib=256, memory_mib=512), "overlay2"),
+    ],
+)
+def test_engine_options_build(
+    options: EngineOptions, driver: str, run_dir: Path
+) -> None:
+    definitions = load_definitions()
+    engine = SandboxEngine(
+        definitions.engines["26.1"],
+        tree_path(engine_tree_name("26.1")),
+        run_dir,
+        options,
+    )
+    try:
+        engine.start()
+        docker = client_tools(run_dir).docker(engine.host)
+        runner = CaseRunner(docker, definitions.builders, run_dir / "c", timeout=120)
+        results = [
+            runner.run(
+                CASES[0].with_changes(
+                    dockerfile=("FROM scratch", "COPY . /ctx/"), builder=b
+                )
+            )
+            for b in ("buildx-docker", "classic")
+        ]
+        with open("/proc/self/mountinfo") as stream:
+            # dockerd bind-mounts its data-root onto itself; a limited one is
+            # an ext4 file system of its own from a loop device.
+            data_root_mounted = any(
+                f" {engine.directory}/root " in line and " - ext4 /dev/loop" in line
+                for line in stream
+            )
+    finally:
+        engine.stop()
+
+    assert engine.info is not None
+    assert engine.info.storage_driver == driver
+    assert all(result.succeeded for result in results), results[0].log[-800:]
+    assert data_root_mounted == bool(options.data_root_mib)
+    assert not engine.directory.exists()

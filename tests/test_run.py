@@ -91,6 +91,8 @@ def test_finding_directory_has_every_file(finding_run) -> None:
         environment = json.loads((directory / "environment.json").read_text())
         assert {"case.json", "original.json", "build.log", "repro.sh"} <= names
         assert {"README.md", "environment.json", "finding.json"} <= names
+        assert "daemon.log" in names
+        assert "API listen on" in (directory / "daemon.log").read_text()
         assert environment["engine"]["version"].startswith("26.1")
         assert environment["engine"]["storage_driver"] == "overlay2"
         assert environment["seed"] == 7

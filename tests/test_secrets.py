@@ -89,3 +89,42 @@ def test_log_events_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert SECRET not in line
     assert json.loads(line)["detail"] == "value ***"
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_secret_absent_from_every_output(tmp_path: Path) -> None:
+    """A file name that is a secret value ends up in logs, cases and scripts;
+    the run writes *** in its place in every file and log line."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import PROFILES
+
+    secret = "s3cretValue-7f3a9"
+    profile = tmp_path / "secret.toml"
+    profile.write_text(
+        (PROFILES / "finding.toml")
+        .read_text()
+        .replace('names = ["a", "b", "c d"]', f'names = ["{secret}", "b"]')
+    )
+    results = tmp_path / "results"
+    completed = subprocess.run(
+        [sys.executable, "-m", "buildfuzz", "run", "--budget", "25s", "--seed", "3",
+         "--profile", str(profile), "--results", str(results),
+         "--secret-env", "BF_TEST_SECRET", "--log-format", "json",
+         "--workdir", tempfile.mkdtemp(prefix="bft-", dir="/var/tmp")],
+        cwd=REPO, env={**os.environ, "BF_TEST_SECRET": secret},
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    written = [path for path in results.rglob("*") if path.is_file()]
+
+    assert completed.returncode == 1, completed.stderr[-2000:]
+    assert secret not in completed.stdout
+    assert secret not in completed.stderr
+    assert len(written) > 5
+    assert any(b"***" in path.read_bytes() for path in written)  # it was there
+    for path in written:
+        assert secret.encode() not in path.read_bytes(), path
