@@ -29,6 +29,7 @@ from buildfuzz.bulk import BULK_MTIME_NS
 from buildfuzz.bulk import shell_commands as bulk_shell_commands
 from buildfuzz.case import BulkRecipe, Case, ContextFile, FileKind, Output
 from buildfuzz.context import archive_content, content_block
+from buildfuzz.definitions import BuilderDefinition
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
 
@@ -295,10 +296,14 @@ def build_command(case: Case, *, classic: bool) -> list[str]:
 def _build_commands(case: Case, timeout: float) -> list[str]:
     from buildfuzz.definitions import load_definitions
 
-    classic = load_definitions().builders[case.builder].classic
+    definition = load_definitions().builders[case.builder]
+    classic = definition.classic
     words = [_shell_word(word) for word in build_command(case, classic=classic)]
     prefix = "DOCKER_BUILDKIT=0 " if classic else ""
-    lines = [
+    lines = _builder_commands(definition, case)
+    if lines:
+        words.insert(3, '--builder "$builder"')
+    lines += [
         f'{prefix}timeout {int(timeout)} {" ".join(words)} > "$work/build.log" 2>&1',
         "status=$?",
         'cat "$work/build.log"',
@@ -310,6 +315,39 @@ def _build_commands(case: Case, timeout: float) -> list[str]:
             '  cat "$work/build.log"',
             "fi",
         ]
+    return lines
+
+
+def _builder_commands(definition: "BuilderDefinition", case: Case) -> list[str]:
+    """Create the case's buildx builder for the docker-container or remote driver.
+
+    buildfuzz ran these builders with BuildKit images it built itself; here the
+    docker-container driver uses BUILDKIT_IMAGE (moby/buildkit of the same
+    version by default) and the remote driver the buildkitd at BUILDKIT_HOST.
+    """
+    if definition.driver not in ("docker-container", "remote"):
+        return []
+    lines = ['builder="buildfuzz-repro-$$"']
+    if definition.driver == "docker-container":
+        image = f"moby/buildkit:{definition.buildkit}"
+        lines.append(
+            f'docker buildx create --name "$builder" --driver docker-container '
+            f'--driver-opt "image=${{BUILDKIT_IMAGE:-{image}}},network=host" '
+            "--bootstrap >/dev/null || exit 2"
+        )
+    else:
+        lines.append(
+            'docker buildx create --name "$builder" --driver remote '
+            '"${BUILDKIT_HOST:?set BUILDKIT_HOST to the address of a buildkitd}" '
+            "--bootstrap >/dev/null || exit 2"
+        )
+    lines.append("trap 'docker buildx rm \"$builder\" >/dev/null 2>&1; cleanup' EXIT")
+    if any(BUSYBOX_IMAGE in line for line in case.dockerfile):
+        lines.append(
+            "echo 'note: this builder pulls the busybox base from a registry; "
+            "push the imported localhost/buildfuzz/busybox:1 to one it can reach "
+            'and point its registry mirror for "localhost" there\' >&2'
+        )
     return lines
 
 

@@ -1,6 +1,7 @@
 """Sandbox engines: start, build for real on every builder, stop clean."""
 
 import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -259,3 +260,55 @@ def test_engine_options_build(
     assert all(result.succeeded for result in results), results[0].log[-800:]
     assert data_root_mounted == bool(options.data_root_mib)
     assert not engine.directory.exists()
+
+
+def test_repro_sets_up_container_builder(run_dir: Path) -> None:
+    """repro.sh of a docker-container case creates its builder and removes it."""
+    from buildfuzz.buildkit_images import publish_buildkit_image
+    from buildfuzz.registry import LoopbackRegistry
+    from buildfuzz.repro import render_repro
+    from buildfuzz.signature import Phase, Signature
+
+    case = Case(
+        dockerfile=("FROM scratch", "COPY --chown=nobody:nogroup . /owned/"),
+        builder="container-v0-34",
+    )
+    script = run_dir / "repro.sh"
+    script.write_text(
+        render_repro(
+            case,
+            Signature(Phase.SOLVE, "failed to load cache key: invalid user index -<n>"),
+            timeout=120,
+        )
+    )
+    engine = start_engine("26.1", run_dir)
+    tools = client_tools(run_dir)
+    registry = LoopbackRegistry(run_dir)
+    try:
+        registry.start()
+        docker = tools.docker(engine.host)
+        image = publish_buildkit_image(docker, registry, "v0.34.2")
+        completed = subprocess.run(
+            ["bash", str(script)],
+            env={
+                "PATH": f"{tools.cli.parent}:/usr/bin:/bin",
+                "DOCKER_HOST": engine.host,
+                "DOCKER_CONFIG": str(tools.config_dir),
+                "BUILDKIT_IMAGE": image,
+                "HOME": str(run_dir),
+            },
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        builders = [b.name for b in docker.buildx.list()]
+    finally:
+        registry.stop()
+        engine.stop()
+
+    assert completed.returncode == 0, (
+        completed.stdout[-2000:] + completed.stderr[-2000:]
+    )
+    assert "buildfuzz repro: REPRODUCED" in completed.stdout
+    assert not any(name.startswith("buildfuzz-repro") for name in builders)
