@@ -193,6 +193,14 @@ def run(
             "buildkitd endpoints with TLS. Repeat for several.",
         ),
     ] = None,
+    tree_oracle: Annotated[
+        bool,
+        typer.Option(
+            "--tree-oracle",
+            help="Compare each exported file system with the tree the case "
+            "implies (experimental: it still has false findings).",
+        ),
+    ] = False,
     differential: Annotated[
         list[str] | None,
         typer.Option(
@@ -240,6 +248,7 @@ def run(
             engine_host=engine_host,
             resume=resume,
             differential=_differential_pairs(differential or []),
+            tree_oracle=tree_oracle,
         )
         summary = run_campaign(options)
         if junit or markdown or html:

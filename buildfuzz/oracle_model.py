@@ -65,8 +65,8 @@ KNOWN_RUNS: dict[str, tuple[str, ...]] = {
     " > /tmp/context.txt": ("/mnt", "/tmp"),
     "RUN --mount=type=secret,id=token cat /run/secrets/token || true": ("/run",),
 }
-# Magic numbers of the archives that ADD extracts.
-_ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+# Magic numbers of the compressions that ADD detects: gzip, bzip2, xz, zstd.
+_ARCHIVE_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 _GLOB = set("*?[\\$")
 
 

@@ -1,5 +1,6 @@
 """Read what a build produced and judge its file tree against the model."""
 
+import tarfile
 from pathlib import Path
 
 import structlog
@@ -23,6 +24,15 @@ from buildfuzz.verdict import Oracle, OracleReport
 
 log = structlog.get_logger(__name__)
 
+READ_ERRORS = (
+    DockerException,
+    OSError,
+    EOFError,
+    KeyError,
+    ValueError,
+    tarfile.TarError,
+)
+
 
 def read_result(case: Case, case_dir: Path, docker: DockerClient) -> Tree | None:
     """Return the built root filesystem, or None when it cannot be read.
@@ -39,7 +49,7 @@ def read_result(case: Case, case_dir: Path, docker: DockerClient) -> Tree | None
         if case.output is Output.DOCKER_TAR:
             return read_saved_image(case_dir / "image.tar")
         return read_image(docker, tag_for(case), case_dir)
-    except (OSError, DockerException, ValueError) as error:
+    except READ_ERRORS as error:
         log.warning("cannot read the built tree", case_id=case.id, error=str(error))
         return None
 

@@ -73,8 +73,10 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     if isinstance(data, str):
         payload = secrets.redact(data).encode("utf-8", "surrogateescape")
+    elif isinstance(data, bytes | bytearray):
+        payload = secrets.redact_bytes(bytes(data))
     else:
-        payload = secrets.redact_bytes(data)
+        raise TypeError(f"write_atomic takes str or bytes, not {type(data).__name__}")
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(descriptor, "wb") as stream:

@@ -100,7 +100,9 @@ def run_worker(
             build_timeout=options.build_timeout,
             strict=options.strict,
             on_case=on_case,
-            oracles=oracle_suite(prepared.definitions, options.differential),
+            oracles=oracle_suite(
+                prepared.definitions, options.differential, tree=options.tree_oracle
+            ),
         )
         writer = FindingWriter(
             store,

@@ -434,6 +434,7 @@ def session(run_dir: Path) -> Iterator[Session]:
         run_dir,
         rules=load_rules("expected"),
         build_timeout=120,
+        oracles=OracleSuite(definitions, OracleSettings(tree=True)),
     )
     yield made
     made.close()
