@@ -198,7 +198,8 @@ def run(
         typer.Option(
             "--tree-oracle",
             help="Compare each exported file system with the tree the case "
-            "implies (experimental: it still has false findings).",
+            "implies (experimental: on BuildKit builders a file's content can "
+            "come from an earlier case's context).",
         ),
     ] = False,
     differential: Annotated[

@@ -92,6 +92,7 @@ class Source:
 @dataclass(frozen=True)
 class ModelOptions:
     owners: bool = True  # false for type=local, which does not keep owners
+    classic: bool = False  # the classic builder, which reads .dockerignore only
 
 
 @cache
@@ -101,12 +102,18 @@ def _umask() -> int:
     return mask
 
 
-def context_sources(case: Case) -> dict[str, Source]:
-    """Return the context after .dockerignore, by relative path."""
-    if case.dockerfile_dockerignore is not None:
-        raise Unmodelled("a Dockerfile-specific .dockerignore")
+def context_sources(case: Case, *, classic: bool = False) -> dict[str, Source]:
+    """Return the context after its ignore file, by relative path.
+
+    BuildKit (through buildx, on Docker 20.10 too) reads
+    ``<Dockerfile>.dockerignore`` in place of ``.dockerignore`` when it
+    exists; the classic builder reads ``.dockerignore`` only (measured).
+    """
+    patterns = case.dockerignore or ()
+    if case.dockerfile_dockerignore is not None and not classic:
+        patterns = case.dockerfile_dockerignore
     try:
-        matcher = IgnoreMatcher(read_ignore_file(case.dockerignore or ()))
+        matcher = IgnoreMatcher(read_ignore_file(patterns))
     except UnsupportedPattern as error:
         raise Unmodelled(f".dockerignore: {error}") from None
 
@@ -146,6 +153,11 @@ def context_sources(case: Case) -> dict[str, Source]:
         text = "".join(line + "\n" for line in case.dockerignore)
         content = text.encode("utf-8", "surrogateescape")
         sources[".dockerignore"] = _file(generated, content, None, ".dockerignore")
+    if case.dockerfile_dockerignore is not None:
+        text = "".join(line + "\n" for line in case.dockerfile_dockerignore)
+        content = text.encode("utf-8", "surrogateescape")
+        name = case.dockerfile_name + ".dockerignore"
+        sources[name] = _file(generated, content, None, name)
 
     implied = Source(NodeType.DIR, 0o777 & ~_umask())
     for path in list(sources):
@@ -160,6 +172,13 @@ def context_sources(case: Case) -> dict[str, Source]:
         if matcher.excluded_ancestor(path):
             source = replace(source, uncertain=True)
         kept[path] = source
+    if classic and matcher.excluded(case.dockerfile_name):
+        # The docker CLI sends an excluded Dockerfile anyway and the daemon
+        # deletes it before the build, leaving its directories behind.
+        parts = case.dockerfile_name.split("/")
+        for end in range(1, len(parts)):
+            parent = "/".join(parts[:end])
+            kept.setdefault(parent, Source(NodeType.DIR, None, uncertain=True))
     return kept
 
 
@@ -199,7 +218,7 @@ class _Copy:
 def expected_tree(case: Case, options: ModelOptions | None = None) -> Tree:
     """Return the tree ``case`` must build; raise Unmodelled when it can't say."""
     options = options or ModelOptions(owners=case.output is not Output.LOCAL)
-    sources = context_sources(case)
+    sources = context_sources(case, classic=options.classic)
     stages = _split_stages(case.dockerfile)
     names = [name for name, _, _ in stages]
     wanted = names.index(case.target) if case.target in names else len(stages) - 1

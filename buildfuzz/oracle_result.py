@@ -9,7 +9,7 @@ from python_on_whales import DockerClient, DockerException
 from buildfuzz.build import tag_for
 from buildfuzz.case import Case, Output
 from buildfuzz.oracle_known import KnownDifference, Side, unexplained
-from buildfuzz.oracle_model import Unmodelled, expected_tree
+from buildfuzz.oracle_model import ModelOptions, Unmodelled, expected_tree
 from buildfuzz.oracle_tree import (
     Tree,
     compare,
@@ -54,10 +54,11 @@ def read_result(case: Case, case_dir: Path, docker: DockerClient) -> Tree | None
         return None
 
 
-def model(case: Case, notes: list[str]) -> Tree | None:
+def model(case: Case, notes: list[str], *, classic: bool) -> Tree | None:
     """Return the tree the case implies, or None (noted) when it is not modelled."""
+    options = ModelOptions(owners=case.output is not Output.LOCAL, classic=classic)
     try:
-        return expected_tree(case)
+        return expected_tree(case, options)
     except Unmodelled as error:
         notes.append(f"tree oracle: not modelled: {error}")
         return None

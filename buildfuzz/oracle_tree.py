@@ -208,7 +208,8 @@ def read_saved_image(path: Path) -> Tree:
     tree = Tree(whole_seconds=True)
     with tarfile.open(path, "r:") as outer:
         manifest = json.loads(_member_bytes(outer, "manifest.json"))
-        for layer in manifest[0]["Layers"]:
+        # An image of no layer (FROM scratch with ENV only) has "Layers": null.
+        for layer in manifest[0].get("Layers") or []:
             data = _member_bytes(outer, layer)
             if data.startswith(b"\x1f\x8b"):
                 data = gzip.decompress(data)

@@ -23,7 +23,7 @@ from buildfuzz.oracle_diff import Pair, Target, differential_report, parse_pairs
 from buildfuzz.oracle_health import EngineHealth
 from buildfuzz.oracle_ignore import IgnoreMatcher, read_ignore_file
 from buildfuzz.oracle_known import Side, load_known_differences, unexplained
-from buildfuzz.oracle_model import Unmodelled, expected_tree
+from buildfuzz.oracle_model import ModelOptions, Unmodelled, expected_tree
 from buildfuzz.oracle_secret import Leak, _scan_directory, _scan_tar_file, secret_report
 from buildfuzz.oracle_suite import OracleSettings, OracleSuite
 from buildfuzz.oracle_tree import (
@@ -32,6 +32,7 @@ from buildfuzz.oracle_tree import (
     Tree,
     compare,
     read_directory,
+    read_saved_image,
     read_tar,
     tree_signature,
 )
@@ -279,6 +280,36 @@ def test_model_of_copies_chown_chmod_workdir_and_ignore() -> None:
     assert tree.closed >= {"/"}
 
 
+def test_model_reads_the_ignore_file_each_builder_reads() -> None:
+    case = _model_case(
+        dockerignore=("a",),
+        dockerfile_dockerignore=("b.txt",),
+        dockerfile=("FROM scratch", "COPY . /ctx/"),
+    )
+
+    buildkit = expected_tree(case).nodes
+    classic = expected_tree(case, ModelOptions(classic=True)).nodes
+
+    assert "/ctx/a" in buildkit and "/ctx/b.txt" not in buildkit
+    assert "/ctx/a" not in classic and "/ctx/b.txt" in classic
+    assert "/ctx/Dockerfile.dockerignore" in buildkit
+
+
+def test_model_leaves_out_the_classic_excluded_dockerfile_directory() -> None:
+    case = Case(
+        dockerignore=("*",),
+        dockerfile=("FROM scratch", "ADD . /extracted/"),
+        dockerfile_name="docker/Dockerfile",
+    )
+
+    classic = expected_tree(case, ModelOptions(classic=True))
+    buildkit = expected_tree(case)
+
+    assert "/extracted/docker" in classic.opaque
+    assert "/extracted/docker" not in buildkit.opaque
+    assert "/extracted/docker" not in buildkit.nodes
+
+
 def test_model_of_local_output_leaves_owners_out() -> None:
     nodes = expected_tree(_model_case(output=Output.LOCAL)).nodes
 
@@ -498,6 +529,26 @@ def test_tree_oracle_reports_a_tampered_tree(
     assert "/ctx/a (copy-all): expected 0755, got 0700" in record.evaluation.detail
 
 
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_tree_oracle_reports_content_of_an_earlier_context(session: Session) -> None:
+    def case(seed: int) -> Case:
+        files = (ContextFile("a", size=1, mtime_ns=T, seed=seed),)
+        return Case(files=files, dockerfile=("FROM scratch", "COPY . /ctx/"))
+
+    first = session.execute(case(2).with_changes(output=Output.TAR))
+    stale = session.execute(case(3).with_changes(output=Output.TAR))
+    _forget_contexts(session, case(3))
+    fresh = session.execute(case(4).with_changes(output=Output.TAR))
+
+    # Same path, size, mtime and mode: BuildKit sends the earlier content.
+    assert first.evaluation.verdict is Verdict.PASS
+    assert stale.evaluation.signature == Signature(
+        Phase.RESULT, "tree differs: content of a file from COPY"
+    )
+    assert fresh.evaluation.verdict is Verdict.PASS
+
+
 SECRET = "s3cr3t-value-4711"
 
 
@@ -639,6 +690,17 @@ def test_differential_oracle(run_dir: Path) -> None:
     )
 
 
+def _forget_contexts(session: Session, case: Case) -> None:
+    """Drop BuildKit's copies of earlier contexts, as independent cases need.
+
+    BuildKit takes a context file from an earlier build on the same daemon
+    when its path, size, mtime and mode match, whatever its content.
+    """
+    docker = session.tools.docker(session.engine(case).host)
+    command = [*docker.docker_cmd, "builder", "prune", "--force"]
+    subprocess.run([*command, "--filter", "type=source.local"], check=True)
+
+
 @pytest.mark.engine
 @pytest.mark.usefixtures("installed")
 def test_tree_oracle_is_quiet_on_generated_cases(session: Session) -> None:
@@ -660,7 +722,9 @@ def test_tree_oracle_is_quiet_on_generated_cases(session: Session) -> None:
         fuzz(random.Random(f"oracles:{index}").randbytes(8192))
         index += 1
         if drawn:
-            records.append(session.execute(drawn[0].with_changes(no_cache=False)))
+            case = drawn[0].with_changes(no_cache=False)
+            _forget_contexts(session, case)
+            records.append(session.execute(case))
 
     oracles = [r.evaluation.oracle for r in records]
     compared = [
@@ -673,3 +737,12 @@ def test_tree_oracle_is_quiet_on_generated_cases(session: Session) -> None:
     ]
     assert Oracle.ENGINE_HEALTH not in oracles
     assert len(compared) >= 10  # the oracle did look at a good share of them
+
+
+def test_saved_image_without_layers_is_empty(tmp_path: Path) -> None:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('[{"Config": "c.json", "RepoTags": null, "Layers": null}]')
+    with tarfile.open(tmp_path / "save.tar", "w") as tar:
+        tar.add(manifest, arcname="manifest.json")
+
+    assert read_saved_image(tmp_path / "save.tar").nodes == {}
