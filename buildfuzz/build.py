@@ -1,6 +1,7 @@
 """Run one case on one engine and builder, capturing everything about it."""
 
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +57,7 @@ class CaseRunner:
         timeout: float,
         builder_name: Callable[[BuilderDefinition], str | None] = lambda _: None,
         docker_for: Callable[[BuilderDefinition], DockerClient] | None = None,
+        forget_contexts: bool = False,
     ) -> None:
         self.docker = docker
         self.builders = builders
@@ -64,6 +66,11 @@ class CaseRunner:
         self.builder_name = builder_name  # the buildx builder; None: the default
         # The client whose buildx plugin a builder uses (its buildx version).
         self.docker_for = docker_for or (lambda _: docker)
+        # BuildKit takes a context file from an earlier build on the same
+        # builder when its path, size, mtime and mode match, whatever its
+        # content; forgetting the contexts after each case keeps cases
+        # independent where content matters (the tree oracle).
+        self.forget_contexts = forget_contexts
         self._counter = 0
 
     def run(self, case: Case, inspect: Inspector | None = None) -> BuildResult:
@@ -79,6 +86,8 @@ class CaseRunner:
             return result
         finally:
             self._remove_image(case.tags)
+            if self.forget_contexts and not builder.classic:
+                self._forget_contexts(builder)
             shutil.rmtree(case_dir, ignore_errors=True)
 
     def _build(
@@ -117,35 +126,20 @@ class CaseRunner:
     def _stream(
         self, case: Case, builder: BuilderDefinition, case_dir: Path, context: Path
     ) -> Iterator[str]:
+        # Secret values reach the client through its environment: a bare
+        # `--build-arg NAME` reads $NAME, so no value shows in `ps`.
+        arguments, environment = build_arguments(case)
         if builder.classic:
-            command = [*self.docker.docker_cmd, *classic_arguments(case)]
-            command += [*case.option_arguments(str(context)), str(context)]
-            for _, raw in stream_stdout_and_stderr(
-                command, env={"DOCKER_BUILDKIT": "0"}
-            ):
-                yield raw.decode("utf-8", errors="replace")
-            return
-
-        stream = self.docker_for(builder).buildx.build(
-            context,
-            builder=self.builder_name(builder),
-            tags=[tag_for(case), *case.tags] if case.output is Output.LOAD else [],
-            file=context / case.dockerfile_option if case.dockerfile_option else None,
-            target=case.target or None,
-            cache=not case.no_cache,
-            load=case.output is Output.LOAD,
-            output=buildx_output(case, case_dir),
-            platforms=[case.platform] if case.platform else None,
-            build_args={
-                name: secrets.resolve(value) for name, value in case.build_args
-            },
-            # The sandbox daemons have no bridge network; BuildKit RUN steps
-            # fail with "network bridge not found" unless told otherwise.
-            network="none",
-            progress="plain",
-            stream_logs=True,
-        )
-        yield from stream  # type: ignore[misc]
+            command = [*self.docker.docker_cmd, "build", "--tag", tag_for(case)]
+            command += arguments
+            environment["DOCKER_BUILDKIT"] = "0"
+        else:
+            command = [*self.docker_for(builder).docker_cmd, "buildx", "build"]
+            command += buildx_arguments(case, self.builder_name(builder), case_dir)
+            command += arguments
+        command += [*case.option_arguments(str(context)), str(context)]
+        for _, raw in stream_stdout_and_stderr(command, env=environment):
+            yield raw.decode("utf-8", errors="replace")
 
     def _load(self, tar_path: Path, result: BuildResult) -> None:
         try:
@@ -154,6 +148,20 @@ class CaseRunner:
         except DockerException as error:
             result.exit_status = error.return_code or 1
             result.load_log = _text(error.stderr) or str(error)
+
+    def _forget_contexts(self, builder: BuilderDefinition) -> None:
+        command = [*self.docker_for(builder).docker_cmd, "buildx", "prune", "--force"]
+        name = self.builder_name(builder)
+        if name is not None:
+            command += ["--builder", name]
+        command += ["--filter", "type=source.local"]
+        completed = subprocess.run(command, capture_output=True, check=False)
+        if completed.returncode != 0:
+            log.warning(
+                "could not remove the builder's copies of earlier contexts",
+                builder=builder.name,
+                error=_text(completed.stderr).strip()[-300:],
+            )
 
     def _remove_image(self, extra_tags: tuple[str, ...] = ()) -> None:
         try:
@@ -170,13 +178,38 @@ def tag_for(case: Case) -> str:
     return f"{IMAGE_NAME}:latest"
 
 
-def classic_arguments(case: Case) -> list[str]:
-    """Return the ``docker build`` arguments of a classic-builder case."""
-    arguments = ["build", "--tag", tag_for(case)]
+def build_arguments(case: Case) -> tuple[list[str], dict[str, str]]:
+    """Return the flags both builders share, and the environment they read.
+
+    A secret build argument (``env:NAME``) is passed as a bare
+    ``--build-arg ARG`` with its value in the environment under ``ARG``.
+    """
+    arguments = []
     if case.platform:
         arguments += ["--platform", case.platform]
+    environment: dict[str, str] = {}
     for name, value in case.build_args:
-        arguments += ["--build-arg", f"{name}={secrets.resolve(value)}"]
+        if secrets.is_reference(value):
+            environment[name] = secrets.resolve(value)
+            arguments += ["--build-arg", name]
+        else:
+            arguments += ["--build-arg", f"{name}={value}"]
+    return arguments, environment
+
+
+def buildx_arguments(case: Case, builder: str | None, case_dir: Path) -> list[str]:
+    """Return the ``docker buildx build`` flags that the classic builder lacks."""
+    arguments = ["--progress", "plain"]
+    if builder is not None:
+        arguments += ["--builder", builder]
+    if case.output is Output.LOAD:
+        arguments += ["--load", "--tag", tag_for(case)]
+    output = buildx_output(case, case_dir)
+    if output:
+        arguments += ["--output", ",".join(f"{k}={v}" for k, v in output.items())]
+    # The sandbox daemons have no bridge network; BuildKit RUN steps fail
+    # with "network bridge not found" unless told otherwise.
+    arguments += ["--network", "none"]
     return arguments
 
 

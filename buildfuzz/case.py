@@ -12,6 +12,7 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from buildfuzz import secrets
 from buildfuzz.errors import DataFileError
 
 CASE_SCHEMA = 1
@@ -248,6 +249,8 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
             tags=tuple(_strings(data.get("tags", []), "tags")),
         )
         check_context_path(case.dockerfile_name)
+        for name, value in case.build_args:
+            secrets.check_argument(name, value)
     except (TypeError, ValueError) as error:
         raise DataFileError(source, f"invalid case: {error}") from None
 

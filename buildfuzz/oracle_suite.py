@@ -60,12 +60,8 @@ Rebuild = Callable[[Case, Callable[[BuildResult, Path], None]], BuildResult]
 
 @dataclass(frozen=True)
 class OracleSettings:
-    # NOTE: off unless asked for (--tree-oracle). Its "tree differs: content
-    # of a file from COPY" reports on BuildKit builders are real wrong
-    # content, but they depend on the case before: BuildKit reuses a context
-    # file from an earlier build on the same daemon when its path, size,
-    # mtime and mode match. `docker builder prune --filter type=source.local`
-    # between cases stops it (measured on Docker 26.1, 0.1 s a prune).
+    # With tree or differential on, the runner removes BuildKit's copies of
+    # each case's context after the build (CaseRunner.forget_contexts).
     tree: bool = False
     secret: bool = True
     health: bool = True
@@ -191,6 +187,11 @@ class OracleSuite:
         self.health = EngineHealth()
         self.rebuild: Rebuild | None = None  # set by the session
         self.docker_for: Callable[[Case], DockerClient] = _no_docker
+
+    @property
+    def compares_content(self) -> bool:
+        """Whether an oracle reads file contents, so cases must not share any."""
+        return self.settings.tree or bool(self.settings.differential)
 
     def start(self, case: Case, engine: object, docker: DockerClient) -> CaseChecks:
         checks = CaseChecks(self, case, engine, docker)

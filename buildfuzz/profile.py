@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from buildfuzz import secrets
 from buildfuzz.case import BULK_DIR, DEEP_DIR, FileKind, Output
 from buildfuzz.errors import DataFileError
 from buildfuzz.paths import strategies_dir
@@ -216,6 +217,7 @@ def _convert(label: str, key: str, raw: Any) -> Any:
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise ValueError(f"{label} entries must be [name, value] pairs")
             pairs.append((str(pair[0]), str(pair[1])))
+            secrets.check_argument(*pairs[-1])
         return tuple(pairs)
     if key in ("containerd_store", "dockerfile_dockerignore", "no_cache"):
         if not all(isinstance(value, bool) for value in raw):

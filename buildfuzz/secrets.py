@@ -7,6 +7,7 @@ replaced by ``***`` in log events, results files and reports.
 """
 
 import os
+import re
 from collections.abc import Iterable
 
 from buildfuzz.errors import UsageError
@@ -14,6 +15,15 @@ from buildfuzz.errors import UsageError
 REDACTED = "***"
 ENV_PREFIX = "env:"
 MIN_LENGTH = 3  # shorter values would redact ordinary text
+
+# Variables the docker client or its plugins read; a secret build argument
+# cannot take their names (see check_argument).
+_CLIENT_VARIABLES = frozenset(
+    ("HOME", "PATH", "TMPDIR", "USER", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+    + ("http_proxy", "https_proxy", "no_proxy", "ALL_PROXY", "all_proxy")
+)
+_CLIENT_PREFIXES = ("DOCKER_", "BUILDX_", "BUILDKIT_", "SSL_", "XDG_")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 _values: set[str] = set()
 
@@ -32,6 +42,31 @@ def register_environment(names: Iterable[str]) -> None:
                 "export it before running buildfuzz"
             )
         register([value])
+
+
+def is_reference(value: str) -> bool:
+    """Return whether a build argument's value names a secret (``env:NAME``)."""
+    return value.startswith(ENV_PREFIX)
+
+
+def check_argument(name: str, value: str) -> None:
+    """Raise ValueError for a secret build argument the client cannot read.
+
+    The build reads a secret from the client's environment under the
+    argument's own name, so that name must not be one the client needs.
+    """
+    if not is_reference(value):
+        return
+    if (
+        not _IDENTIFIER.fullmatch(name)
+        or name in _CLIENT_VARIABLES
+        or (name.startswith(_CLIENT_PREFIXES))
+    ):
+        raise ValueError(
+            f"secret build argument {name!r} is passed to docker in the "
+            "environment variable of that name, which docker itself reads or "
+            "cannot hold; rename the argument (for example MY_TOKEN)"
+        )
 
 
 def resolve(value: str) -> str:

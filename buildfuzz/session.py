@@ -144,6 +144,7 @@ class Session:
             timeout=self.build_timeout,
             builder_name=builder_name,
             docker_for=lambda builder: self.tools_for(builder).docker(host),
+            forget_contexts=self.oracles.compares_content,
         )
 
     def tools_for(self, builder: BuilderDefinition) -> ClientTools:

@@ -128,3 +128,30 @@ def test_secret_absent_from_every_output(tmp_path: Path) -> None:
     assert any(b"***" in path.read_bytes() for path in written)  # it was there
     for path in written:
         assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("name", ["PATH", "DOCKER_CONFIG", "BUILDX_BUILDER", "A-B"])
+def test_secret_argument_names_the_client_needs_are_refused(
+    tmp_path: Path, name: str
+) -> None:
+    from buildfuzz.case import load_case
+    from buildfuzz.errors import DataFileError
+
+    case_file = tmp_path / "case.json"
+    data = {"schema": 1, "build_args": {name: "env:MY_TOKEN"}}
+    case_file.write_text(json.dumps(data))
+
+    with pytest.raises(DataFileError, match=f"'{name}'.*rename the argument"):
+        load_case(case_file)
+    secrets.check_argument(name, "plain value")  # only secrets are passed so
+
+
+def test_profile_with_a_secret_argument_named_path_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "bad.toml"
+    profile.write_text('[build]\nbuild_args = [["HOME", "env:MY_TOKEN"]]\n')
+
+    completed = buildfuzz("strategies", "--profile", str(profile), cwd=tmp_path)
+
+    assert completed.returncode == 2
+    assert "'HOME'" in completed.stderr and "rename" in completed.stderr
+    assert "Traceback" not in completed.stderr
