@@ -21,6 +21,12 @@ from buildfuzz.workdir import kill_processes_under
 log = structlog.get_logger(__name__)
 
 IMAGE_NAME = "buildfuzz-case"
+# A build's timeout grows with its context: each builder reads every byte
+# (a sparse file's holes too) and handles every file, several times over on
+# the vfs storage driver. These allowances are generous on purpose: a hang
+# is judged by the time it took, and a slow machine must not look like one.
+SECONDS_PER_GIB = 120.0
+SECONDS_PER_THOUSAND_FILES = 2.0
 
 
 @dataclass
@@ -94,7 +100,8 @@ class CaseRunner:
         self, case: Case, builder: BuilderDefinition, case_dir: Path, context: Path
     ) -> BuildResult:
         lines: list[str] = []
-        watchdog = _Watchdog(case_dir, self.timeout)
+        timeout = scaled_timeout(case, self.timeout)
+        watchdog = _Watchdog(case_dir, timeout)
         started = time.monotonic()
         exit_status = 0
         watchdog.start()
@@ -118,6 +125,8 @@ class CaseRunner:
             duration=duration,
             timed_out=watchdog.fired,
         )
+        if watchdog.fired:
+            result.notes.append(f"the build timed out after {timeout:.0f} s")
         if result.succeeded and case.output is Output.DOCKER_TAR:
             self._load(case_dir / "image.tar", result)
 
@@ -172,6 +181,20 @@ class CaseRunner:
             )
         except DockerException:
             pass  # nothing was tagged: the build failed or did not load
+
+
+def scaled_timeout(case: Case, base: float) -> float:
+    """Return the time a build of ``case`` may take: ``base`` for a small one."""
+    size = sum(entry.size for entry in case.files)
+    count = len(case.files)
+    if case.bulk is not None:
+        size += case.bulk.count * max(case.bulk.sizes)
+        count += case.bulk.count
+    return (
+        base
+        + size / 2**30 * SECONDS_PER_GIB
+        + count / 1000 * SECONDS_PER_THOUSAND_FILES
+    )
 
 
 def tag_for(case: Case) -> str:

@@ -3,7 +3,9 @@
 Rules live in ``strategies/rules/NAME.toml``. A rule names the cases it
 applies to (builders, engines, a pattern over the Dockerfile and
 .dockerignore) and the message the builder must give. A failure of such a
-case with such a message is an expected failure, not a finding.
+case with such a message is an expected failure, not a finding. A rule
+marked ``always`` claims more: every case it applies to fails with its
+message, so such a case that builds fine is a finding about the rule.
 """
 
 import re
@@ -27,6 +29,7 @@ class Rule:
     dockerfile: re.Pattern[str] | None = None
     dockerignore: re.Pattern[str] | None = None
     files: re.Pattern[str] | None = None
+    always: bool = False  # every case it applies to must fail with its message
 
     def applies_to(self, case: Case) -> bool:
         if self.builders and case.builder not in self.builders:
@@ -77,7 +80,7 @@ def load_rules(name: str) -> tuple[Rule, ...]:
 
 def _rule(entry: dict[str, Any]) -> Rule:
     allowed = {"id", "reason", "message", "builders", "engines"}
-    allowed |= {"dockerfile", "dockerignore", "files"}
+    allowed |= {"dockerfile", "dockerignore", "files", "always"}
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} in rule {entry.get('id')!r}")
@@ -88,6 +91,10 @@ def _rule(entry: dict[str, Any]) -> Rule:
             raise ValueError(
                 f"{key} of rule {entry.get('id')!r} must be a list of names"
             )
+
+    always = entry.get("always", False)
+    if not isinstance(always, bool):
+        raise ValueError(f"always of rule {entry.get('id')!r} must be true or false")
 
     def optional(key: str) -> re.Pattern[str] | None:
         return re.compile(entry[key]) if key in entry else None
@@ -101,6 +108,7 @@ def _rule(entry: dict[str, Any]) -> Rule:
         dockerfile=optional("dockerfile"),
         dockerignore=optional("dockerignore"),
         files=optional("files"),
+        always=always,
     )
 
 
@@ -115,3 +123,20 @@ def context_listing(case: Case) -> str:
 
 def matching_rule(rules: tuple[Rule, ...], case: Case, log: str) -> Rule | None:
     return next((rule for rule in rules if rule.explains(case, log)), None)
+
+
+# Cases that an `always` rule says fail are built only one time in this
+# many (chosen by case id), enough to notice a rule that stopped holding.
+RULE_CHECK_EVERY = 8
+
+
+def worth_building(rules: tuple[Rule, ...], case: Case) -> bool:
+    """Return False for most cases that an ``always`` rule says cannot build."""
+    if certain_rule(rules, case) is None:
+        return True
+    return int(case.id[:8], 16) % RULE_CHECK_EVERY == 0
+
+
+def certain_rule(rules: tuple[Rule, ...], case: Case) -> Rule | None:
+    """Return a rule that says ``case`` must fail, if one does."""
+    return next((rule for rule in rules if rule.always and rule.applies_to(case)), None)

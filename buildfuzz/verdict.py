@@ -13,8 +13,9 @@ from enum import StrEnum
 
 from buildfuzz.build import BuildResult
 from buildfuzz.case import Case
-from buildfuzz.rules import Rule, matching_rule
+from buildfuzz.rules import Rule, certain_rule, matching_rule
 from buildfuzz.signature import (
+    Phase,
     Signature,
     buildx_signature,
     classic_signature,
@@ -39,6 +40,7 @@ class Oracle(StrEnum):
     TREE = "tree"  # the built file tree is not the one the case implies
     DIFFERENTIAL = "differential"  # two builders gave different trees
     SECRET = "secret"  # a secret value is in the image or its output
+    RULE = "rule"  # an `always` rule's case built, or failed another way
 
 
 # The order in which oracle reports win when several fire for one build.
@@ -125,7 +127,16 @@ def _judge_build(
         if rule is not None:
             return Evaluation(Verdict.EXPECTED, signature, rule=rule.id)
         return Evaluation(Verdict.FINDING, signature, Oracle.TIMEOUT)
+    certain = None if strict else certain_rule(rules, case)
     if result.succeeded:
+        if certain is not None:
+            return Evaluation(
+                Verdict.FINDING,
+                Signature(Phase.RESULT, f"rule {certain.id}: the build passed"),
+                Oracle.RULE,
+                detail=f"Rule {certain.id} says that every case it applies to "
+                f"fails ({certain.reason}), but this one built.",
+            )
         return Evaluation(Verdict.PASS)
 
     if result.load_log:
@@ -139,4 +150,12 @@ def _judge_build(
     if rule is not None:
         return Evaluation(Verdict.EXPECTED, signature, rule=rule.id)
 
+    if certain is not None:
+        return Evaluation(
+            Verdict.FINDING,
+            signature,
+            Oracle.RULE,
+            detail=f"Rule {certain.id} applies to this case, but the build "
+            f"failed with another message than /{certain.message.pattern}/.",
+        )
     return Evaluation(Verdict.FINDING, signature, Oracle.BUILD_ERROR)

@@ -13,6 +13,7 @@ import queue as queue_module
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from buildfuzz.progress import Progress
 from buildfuzz.regression import check_known_findings
 from buildfuzz.replay import ReplayReport
 from buildfuzz.results import ResultsStore
+from buildfuzz.rules import worth_building
 from buildfuzz.runlog import RunLog
 from buildfuzz.session import CaseRecord, Session
 from buildfuzz.shard import Shard
@@ -116,8 +118,12 @@ def run_worker(
         result.written = writer.written
         if plan.check_known:
             result.regressions = check_known_findings(store, session)
+        strategy = cases(prepared.profile, prepared.targets)
+        if not options.strict:
+            # Combinations that can never build waste builds (see rules.py).
+            strategy = strategy.filter(partial(worth_building, prepared.rules))
         fuzzer = Fuzzer(
-            cases(prepared.profile, prepared.targets),
+            strategy,
             session.execute,
             profile=prepared.profile,
             targets=prepared.targets,

@@ -355,3 +355,16 @@ def test_old_case_json_still_loads() -> None:
     assert case.dockerfile_name == "Dockerfile"
     assert case.files[0].xattrs == ()
     assert json.loads(case.to_json()) == old
+
+
+def test_build_timeout_grows_with_the_context() -> None:
+    from buildfuzz.build import scaled_timeout
+    from buildfuzz.case import BulkRecipe
+
+    small = Case(files=(ContextFile("a", size=1),))
+    sparse = Case(files=(ContextFile("s", FileKind.SPARSE, size=8 * 2**30),))
+    many = Case(bulk=BulkRecipe(100_000, sizes=(0, 512)))
+
+    assert 60 <= scaled_timeout(small, 60) < 61
+    assert scaled_timeout(sparse, 60) >= 60 + 8 * 60  # holes are read too
+    assert scaled_timeout(many, 60) >= 60 + 100

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from buildfuzz.build import BuildResult
 from buildfuzz.case import Case, ContextFile, FileKind, Output
 from buildfuzz.definitions import load_definitions
 from buildfuzz.errors import DataFileError
@@ -15,7 +16,15 @@ from buildfuzz.profile import (
     available_profiles,
     load_profile,
 )
-from buildfuzz.rules import context_listing, load_rules, matching_rule
+from buildfuzz.rules import (
+    RULE_CHECK_EVERY,
+    context_listing,
+    load_rules,
+    matching_rule,
+    worth_building,
+)
+from buildfuzz.signature import Phase, Signature
+from buildfuzz.verdict import Evaluation, Oracle, Verdict, judge
 
 # Profiles
 
@@ -337,6 +346,54 @@ def test_classic_chmod_explains_message() -> None:
     assert rule.explains(chmod_case("classic"), log)
     assert not rule.explains(chmod_case("classic"), "no such file or directory")
     assert not rule.explains(chmod_case("buildx-docker"), log)
+
+
+def _judged(builder: str, exit_status: int, log: str) -> Evaluation:
+    result = BuildResult(exit_status=exit_status, log=log, duration=1.0)
+    return judge(
+        chmod_case(builder),
+        result,
+        classic=builder == "classic",
+        rules=load_rules("expected"),
+    )
+
+
+def test_always_rule_whose_case_builds_is_a_finding() -> None:
+    built = _judged("classic", 0, "Successfully built 0123456789ab")
+    other = _judged("classic", 1, "Step 2/2 : COPY\nno space left on device")
+    expected = _judged("classic", 1, "the --chmod option requires BuildKit")
+    buildkit = _judged("buildx-docker", 0, "")
+
+    assert built.verdict is Verdict.FINDING and built.oracle is Oracle.RULE
+    assert built.signature == Signature(
+        Phase.RESULT, "rule classic-chmod: the build passed"
+    )
+    assert other.verdict is Verdict.FINDING and other.oracle is Oracle.RULE
+    assert "another message" in other.detail
+    assert expected.verdict is Verdict.EXPECTED
+    assert buildkit.verdict is Verdict.PASS
+
+
+def test_cases_an_always_rule_rejects_are_mostly_not_built() -> None:
+    rules = load_rules("expected")
+    doomed = [
+        chmod_case("classic").with_changes(files=(ContextFile(f"f{n}"),))
+        for n in range(400)
+    ]
+
+    built = [case for case in doomed if worth_building(rules, case)]
+
+    assert 400 / RULE_CHECK_EVERY / 2 < len(built) < 400 / RULE_CHECK_EVERY * 2
+    assert all(worth_building(rules, case.with_changes(builder="buildx-docker"))
+               for case in doomed)  # fmt: skip
+
+
+def test_always_must_be_a_boolean(tmp_path: Path) -> None:
+    text = '[[rule]]\nid = "r"\nreason = "x"\nmessage = "m"\nalways = "yes"\n'
+
+    assert "always of rule 'r' must be true or false" in str(
+        rules_error(tmp_path, text)
+    )
 
 
 def test_symlink_rule_reads_listing() -> None:
