@@ -57,7 +57,7 @@ class RunOptions:
     engine_host: str | None = None  # an existing daemon to use instead of engines
     resume: bool = False  # go on with the saved seed from where the last run stopped
     differential: tuple[str, ...] = ()  # builder pairs A:B (oracle_diff)
-    tree_oracle: bool = False  # compare built trees with the case's model
+    tree_oracle: bool = True  # compare built trees with the case's model
     workdir: Path = DEFAULT_BASE
     shard: Shard = Shard(1, 1)
 

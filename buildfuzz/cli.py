@@ -196,12 +196,10 @@ def run(
     tree_oracle: Annotated[
         bool,
         typer.Option(
-            "--tree-oracle",
-            help="Compare each exported file system with the tree the case "
-            "implies (experimental: on BuildKit builders a file's content can "
-            "come from an earlier case's context).",
+            "--tree-oracle/--no-tree-oracle",
+            help="Compare each built file system with the tree the case implies.",
         ),
-    ] = False,
+    ] = True,
     differential: Annotated[
         list[str] | None,
         typer.Option(

@@ -6,10 +6,10 @@ exist (the tree and secret oracles read them there), and its ``finish``
 runs after the build (engine health, and the differential oracle's second
 build). The reports go to ``verdict.judge``.
 
-Defaults: the secret and engine-health oracles are on, the tree oracle
-only with --tree-oracle (a tree costs a
-read of the output, and ``docker image save`` for loaded images);
-the differential oracle is off, because it builds each covered case twice.
+Defaults: the tree, secret and engine-health oracles are on (a tree costs
+a read of the output, ``docker image save`` for loaded images, and a prune
+of BuildKit's copy of the context); the differential oracle is off,
+because it builds each covered case twice.
 """
 
 import lzma
@@ -62,7 +62,7 @@ Rebuild = Callable[[Case, Callable[[BuildResult, Path], None]], BuildResult]
 class OracleSettings:
     # With tree or differential on, the runner removes BuildKit's copies of
     # each case's context after the build (CaseRunner.forget_contexts).
-    tree: bool = False
+    tree: bool = True
     secret: bool = True
     health: bool = True
     differential: tuple[Pair, ...] = ()
@@ -204,7 +204,7 @@ def oracle_suite(
     definitions: Definitions,
     differential: tuple[str, ...] = (),
     *,
-    tree: bool = False,
+    tree: bool = True,
 ) -> OracleSuite:
     """Return the default oracles, with the differential pairs ``A:B`` given."""
     pairs = parse_pairs(list(differential), definitions)

@@ -735,9 +735,14 @@ def test_differential_oracle(run_dir: Path) -> None:
 @pytest.mark.engine
 @pytest.mark.usefixtures("installed")
 def test_tree_oracle_is_quiet_on_generated_cases(session: Session) -> None:
-    """About 50 default-profile cases, built to type=tar on buildx-docker."""
+    """About 50 default-profile cases on three builders, every output."""
     profile = load_profile("default")
-    targets = [CaseTarget("26.1", "buildx-docker", (Output.TAR,))]
+    every = (Output.TAR, Output.LOCAL, Output.LOAD)
+    targets = [
+        CaseTarget("26.1", "buildx-docker", every),
+        CaseTarget("26.1", "classic", (Output.LOAD,)),
+        CaseTarget("26.1", "container-v0-34", every),
+    ]
     drawn: list[Case] = []
 
     @settings(database=None, deadline=None, suppress_health_check=list(HealthCheck))
