@@ -21,11 +21,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # Debian packages: apt tools and keyring to fetch the engines, Python to
-# run buildfuzz, the libraries that the engines' binaries link to, and
-# e2fsprogs for the small data-root file systems of engine limits. The test
+# run buildfuzz, the libraries that the engines' binaries link to,
+# e2fsprogs for the small data-root file systems of engine limits, and
+# mmdebstrap for the root file systems of dind engine images. The test
 # suite also opens the HTML report in Chromium.
 debian_packages=(apt dpkg debian-archive-keyring python3 python3-venv
-  libseccomp2 libsystemd0 libcap2 util-linux coreutils e2fsprogs attr)
+  libseccomp2 libsystemd0 libcap2 util-linux coreutils e2fsprogs attr
+  mmdebstrap)
 if [ "${1:-}" = test ]; then
   debian_packages+=(chromium)
 fi

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from buildfuzz.capabilities import privileged_problem
 from buildfuzz.definitions import Definitions, EngineDefinition, load_definitions
 from buildfuzz.errors import (
     EXIT_FINDINGS,
@@ -215,14 +216,34 @@ def prepare(options: RunOptions) -> Prepared:
 
 
 def _fits_engine(definitions: Definitions, engine: str, builder: str) -> bool:
-    """Leave the docker driver and the classic builder off existing daemons.
+    """Leave out builders that cannot or must not run on ``engine``.
 
-    Both would build with the daemon's own cache and images, which belong
+    The docker driver and the classic builder stay off existing daemons:
+    both would build with the daemon's own cache and images, which belong
     to its owner; builders of the other drivers keep their state apart.
+    The docker-container driver stays off engines that cannot start its
+    privileged container on this machine (see buildfuzz.capabilities) and
+    off dind engines, whose containers have no network.
     """
+    driver = definitions.builders[builder]
+    if driver.driver == "docker-container":
+        if definitions.engines[engine].source == "dind":
+            problem: str | None = (
+                "a dind engine has no network, so a builder container on it "
+                "cannot reach the loopback registry"
+            )
+        else:
+            problem = privileged_problem(definitions.engines[engine])
+        if problem is not None:
+            log.warning(
+                "builder left out on this engine",
+                builder=builder,
+                engine=engine,
+                reason=problem,
+            )
+            return False
     if definitions.engines[engine].sandboxed:
         return True
-    driver = definitions.builders[builder]
     if driver.classic or driver.driver == "docker":
         log.warning(
             "builder left out on an existing daemon", builder=builder, engine=engine

@@ -93,6 +93,22 @@ def _configure(log_format: str) -> None:
         signal.signal(number, _interrupt)
 
 
+def _engine_host(host: str | None, context: str | None) -> str | None:
+    """Return the daemon that --engine-host or --engine-context names."""
+    if context is None:
+        return host
+    if host is not None:
+        raise UsageError(
+            "--engine-host and --engine-context both name a daemon; give one"
+        )
+    from buildfuzz.docker_context import ContextError, context_host
+
+    try:
+        return context_host(context)
+    except ContextError as error:
+        raise UsageError(f"--engine-context: {error}") from None
+
+
 def _differential_pairs(values: list[str]) -> tuple[str, ...]:
     """Check --differential pairs before the run writes anything."""
     from buildfuzz.definitions import load_definitions
@@ -185,6 +201,13 @@ def run(
             "removes only what it created there.",
         ),
     ] = None,
+    engine_context: Annotated[
+        str | None,
+        typer.Option(
+            help="Like --engine-host, with the daemon of this docker context "
+            "(read from the context store, never changed).",
+        ),
+    ] = None,
     builders_file: Annotated[
         list[Path] | None,
         typer.Option(
@@ -244,7 +267,7 @@ def run(
             ci=ci,
             min_free=parse_size(min_free, option="--min-free"),
             jobs=jobs,
-            engine_host=engine_host,
+            engine_host=_engine_host(engine_host, engine_context),
             resume=resume,
             differential=_differential_pairs(differential or []),
             tree_oracle=tree_oracle,
@@ -505,7 +528,7 @@ def sandbox(
     from buildfuzz.baseimage import import_busybox
     from buildfuzz.client import ClientTools
     from buildfuzz.definitions import load_definitions
-    from buildfuzz.engine import SandboxEngine
+    from buildfuzz.dind import sandbox_engine
     from buildfuzz.install import (
         CLIENT_TREE,
         busybox_binary,
@@ -529,7 +552,7 @@ def sandbox(
         _fail(error)
     try:
         tools = ClientTools.prepare(tree_path(CLIENT_TREE), run_dir)
-        daemon = SandboxEngine(
+        daemon = sandbox_engine(
             definitions.engines[engine], tree_path(engine_tree_name(engine)), run_dir
         )
         daemon.start()

@@ -2,17 +2,21 @@
 
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from buildfuzz.case import Output
+from buildfuzz.docker_context import context_host
 from buildfuzz.errors import DataFileError
 from buildfuzz.paths import builders_dir
 
 BUILDER_KINDS = ("classic", "buildx")
-ENGINE_SOURCES = ("debian", "binaries", "external")
+ENGINE_SOURCES = ("debian", "binaries", "external", "dind")
+# Debian releases whose docker.io a dind image can contain.
+DIND_RELEASES = ("bookworm", "trixie")
 EXTRA_BUILDERS_VARIABLE = "BUILDFUZZ_BUILDERS"
+PRIVILEGED_CAPS = ("own", "kernel")
 BUILDX_DRIVERS = ("docker", "docker-container", "remote", "kubernetes")
 
 
@@ -32,15 +36,25 @@ class EngineDefinition:
     buildkit: str = ""
     storage_drivers: tuple[str, ...] = ("overlay2",)
     containerd_store: bool = False
-    # "debian": packages buildfuzz downloads; "binaries": a directory of
-    # engine binaries (path); "external": a daemon that already runs (host).
+    # Where the engine comes from. "debian": packages buildfuzz downloads.
+    # "binaries": a directory of engine binaries (path). "external": a daemon
+    # that already runs (host, or the endpoint of a docker context). "dind":
+    # dockerd in a privileged container on the engine that host names.
     source: str = "debian"
     path: str = ""
     host: str = ""
+    context: str = ""  # external: a docker context whose endpoint is the host
+    release: str = ""  # dind: the Debian release of the image's docker.io
+    # dind: the definition of the engine named by host, filled in on loading.
+    host_engine: "EngineDefinition | None" = None
+    # The capabilities dockerd requests for a privileged container: "kernel"
+    # (every one the kernel defines, as 20.10 does) or "own" (only those that
+    # dockerd itself has, as 26.1 does).
+    privileged_caps: str = "own"
 
     @property
     def sandboxed(self) -> bool:
-        """Whether buildfuzz starts this engine itself as a sandbox daemon."""
+        """Whether buildfuzz starts this engine itself and owns all its state."""
         return self.source != "external"
 
 
@@ -94,6 +108,7 @@ def load_definitions(directory: Path | None = None) -> Definitions:
             name: _engine(name, raw)
             for name, raw in _table(engines_data, "engines").items()
         }
+        engines = _link_dind_hosts(engines)
     except (TypeError, ValueError, KeyError) as error:
         raise DataFileError(engines_path, _describe(error)) from None
     try:
@@ -177,6 +192,7 @@ def _packages(raw: Any) -> tuple[PackageSet, ...]:
 def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
     keys = {"description", "storage_driver", "packages", "features", "buildkit"}
     keys |= {"storage_drivers", "containerd_store", "source", "path", "host"}
+    keys |= {"privileged_caps", "context", "release"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
@@ -188,12 +204,40 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
         )
     if source == "binaries" and not raw.get("path"):
         raise ValueError(f"engine {name!r}: source binaries needs path = DIRECTORY")
-    if source == "external" and not raw.get("host"):
-        raise ValueError(f"engine {name!r}: source external needs host = URL")
+    if source == "external" and bool(raw.get("host")) == bool(raw.get("context")):
+        raise ValueError(
+            f"engine {name!r}: source external needs either host = URL or "
+            "context = NAME (a docker context)"
+        )
+    if source != "external" and raw.get("context"):
+        raise ValueError(f"engine {name!r}: context = NAME needs source external")
+    if source == "dind":
+        if not raw.get("host"):
+            raise ValueError(
+                f"engine {name!r}: source dind needs host = ENGINE, the engine "
+                "its container runs on"
+            )
+        if raw.get("release") not in DIND_RELEASES:
+            raise ValueError(
+                f"engine {name!r}: source dind needs release = one of "
+                f"{', '.join(DIND_RELEASES)} (the Debian release of its docker.io)"
+            )
+    elif raw.get("release"):
+        raise ValueError(f"engine {name!r}: release = NAME needs source dind")
+    privileged_caps = str(raw.get("privileged_caps", "own"))
+    if privileged_caps not in PRIVILEGED_CAPS:
+        raise ValueError(
+            f"engine {name!r}: unknown privileged_caps {privileged_caps!r}; "
+            f"use {', '.join(PRIVILEGED_CAPS)}"
+        )
     features = raw.get("features", {})
     default_driver = str(raw.get("storage_driver", "overlay2"))
     if not isinstance(features, dict):
         raise ValueError(f"engine {name!r}: features must be a table")
+    host = str(raw.get("host", ""))
+    if source == "external" and raw.get("context"):
+        # Read now, before buildfuzz points DOCKER_CONFIG at its own directory.
+        host = context_host(str(raw["context"]))
     return EngineDefinition(
         name=name,
         description=str(raw.get("description", "")),
@@ -207,8 +251,32 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
         containerd_store=bool(raw.get("containerd_store", False)),
         source=source,
         path=str(raw.get("path", "")),
-        host=str(raw.get("host", "")),
+        host=host,
+        privileged_caps=privileged_caps,
+        context=str(raw.get("context", "")),
+        release=str(raw.get("release", "")),
     )
+
+
+def _link_dind_hosts(
+    engines: dict[str, EngineDefinition],
+) -> dict[str, EngineDefinition]:
+    """Give each dind engine the definition of the engine it runs on."""
+    linked = dict(engines)
+    for name, engine in engines.items():
+        if engine.source != "dind":
+            continue
+        host = engines.get(engine.host)
+        if host is None or host.source == "dind":
+            choices = ", ".join(
+                sorted(n for n, e in engines.items() if e.source != "dind")
+            )
+            raise ValueError(
+                f"engine {name!r}: host {engine.host!r} is not an engine defined "
+                f"here that is not itself dind; use one of {choices}"
+            )
+        linked[name] = replace(engine, host_engine=host)
+    return linked
 
 
 def _builder(name: str, raw: dict[str, Any]) -> BuilderDefinition:

@@ -122,6 +122,8 @@ def _busybox_check() -> Check:
 
 
 def _engine_check(definitions: Definitions, name: str) -> Check:
+    if definitions.engines[name].source == "dind":
+        return _dind_check(definitions, name)
     dockerd = tree_path(engine_tree_name(name)) / "usr/sbin/dockerd"
     version = version_of([str(dockerd), "--version"]) if dockerd.exists() else None
     missing = missing_trees(definitions, [name])
@@ -130,6 +132,26 @@ def _engine_check(definitions: Definitions, name: str) -> Check:
         bool(version) and not missing,
         version or "not downloaded",
         f"run `buildfuzz setup --engine {name}`",
+    )
+
+
+def _dind_check(definitions: Definitions, name: str) -> Check:
+    from buildfuzz.dind import dind_problem
+
+    engine = definitions.engines[name]
+    if missing_trees(definitions, [name]):
+        return Check(
+            f"engine {name}",
+            False,
+            f"host engine {engine.host} not downloaded",
+            f"run `buildfuzz setup --engine {name}`",
+        )
+    problem = dind_problem(engine)
+    return Check(
+        f"engine {name}",
+        problem is None,
+        problem or f"dind on engine {engine.host}, docker.io of {engine.release}",
+        "see the reason; `buildfuzz builders list` lists the engines that run here",
     )
 
 

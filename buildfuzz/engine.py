@@ -75,8 +75,35 @@ class EngineInfo:
     operating_system: str
 
 
+def read_engine_info(host: str) -> EngineInfo:
+    """Ask the daemon at ``host`` for its versions and settings."""
+    client = docker.DockerClient(base_url=host, timeout=30)
+    try:
+        version: dict[str, Any] = client.version()
+        info: dict[str, Any] = client.info()
+    finally:
+        client.close()
+    containerd = next(
+        (c.get("Version", "") for c in version.get("Components", [])
+         if c.get("Name") == "containerd"),
+        "",
+    )  # fmt: skip
+    return EngineInfo(
+        version=str(version.get("Version", "")),
+        api_version=str(version.get("ApiVersion", "")),
+        storage_driver=str(info.get("Driver", "")),
+        containerd_version=str(containerd),
+        kernel=str(info.get("KernelVersion", "")),
+        operating_system=str(info.get("OperatingSystem", "")),
+    )
+
+
 class SandboxEngine:
-    """One dockerd running from an unpacked package tree."""
+    """One dockerd that buildfuzz starts and owns, from an unpacked package tree.
+
+    ``buildfuzz.dind.sandbox_engine`` makes the right kind for a definition:
+    this one, or a ``DindEngine`` for a definition of source "dind".
+    """
 
     def __init__(
         self,
@@ -254,25 +281,7 @@ class SandboxEngine:
         return docker.DockerClient(base_url=self.host, timeout=30)
 
     def _read_info(self) -> EngineInfo:
-        client = self.api_client()
-        try:
-            version: dict[str, Any] = client.version()
-            info: dict[str, Any] = client.info()
-        finally:
-            client.close()
-        containerd = next(
-            (c.get("Version", "") for c in version.get("Components", [])
-             if c.get("Name") == "containerd"),
-            "",
-        )  # fmt: skip
-        return EngineInfo(
-            version=str(version.get("Version", "")),
-            api_version=str(version.get("ApiVersion", "")),
-            storage_driver=str(info.get("Driver", "")),
-            containerd_version=str(containerd),
-            kernel=str(info.get("KernelVersion", "")),
-            operating_system=str(info.get("OperatingSystem", "")),
-        )
+        return read_engine_info(self.host)
 
     def is_healthy(self) -> bool:
         """Return whether the daemon process runs and answers a ping."""

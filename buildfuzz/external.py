@@ -47,9 +47,13 @@ class ExternalEngine:
             version = client.version()
             info = client.info()
         except docker.errors.DockerException as error:
+            where = (
+                f"docker context {self.definition.context}"
+                if self.definition.context
+                else "DOCKER_HOST or the engine's host"
+            )
             raise EngineError(
-                f"cannot reach the Docker daemon at {self.host}: {error}; "
-                "check DOCKER_HOST or the engine's host"
+                f"cannot reach the Docker daemon at {self.host}: {error}; check {where}"
             ) from None
         finally:
             client.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import structlog
 
-from buildfuzz.definitions import Definitions, PackageSet
+from buildfuzz.definitions import Definitions, EngineDefinition, PackageSet
 from buildfuzz.errors import SetupError
 from buildfuzz.packages import ensure_tree, tree_is_ready, tree_path
 
@@ -37,8 +37,11 @@ def ensure_installed(
     ensure_tree(CLIENT_TREE, definitions.client.packages)
     ensure_tree(BUSYBOX_TREE, BUSYBOX_PACKAGES)
     for name in engines:
-        if definitions.engines[name].source == "debian":
-            ensure_tree(engine_tree_name(name), definitions.engines[name].packages)
+        definition = definitions.engines[name]
+        if definition.source == "dind":
+            _ensure_dind(definition)
+        elif definition.source == "debian":
+            ensure_tree(engine_tree_name(name), definition.packages)
     # buildkit_images imports this module for the tree names.
     from buildfuzz.buildkit_images import RUNC_ENGINE, ensure_buildkit_binaries
     from buildfuzz.registry import registry_binary
@@ -97,24 +100,52 @@ def kubeconfig_present() -> bool:
     return (Path.home() / ".kube" / "config").is_file()
 
 
+def _ensure_dind(definition: EngineDefinition) -> None:
+    """Fetch a dind engine's host engine and make its image's root file system.
+
+    Without mmdebstrap the engine is left out with a warning, so that the
+    other engines can still be set up. `buildfuzz builders list` gives the reason.
+    """
+    from buildfuzz.dind import dind_problem, ensure_rootfs
+
+    host = definition.host_engine
+    assert host is not None, "dind definitions are linked to their host on loading"
+    if host.source == "debian":
+        ensure_tree(engine_tree_name(host.name), host.packages)
+    problem = dind_problem(definition)
+    if problem is not None:
+        log.warning("dind engine left out", engine=definition.name, reason=problem)
+        return
+    ensure_rootfs(definition.release)
+
+
 def missing_trees(definitions: Definitions, engines: list[str]) -> list[str]:
     """Return the names of the package trees that ``ensure_installed`` would fetch."""
     wanted = [(CLIENT_TREE, definitions.client.packages)]
     wanted.append((BUSYBOX_TREE, BUSYBOX_PACKAGES))
-    wanted += [
-        (engine_tree_name(name), definitions.engines[name].packages)
-        for name in engines
-        if definitions.engines[name].source == "debian"
-    ]
+    for name in engines:
+        definition = definitions.engines[name]
+        # A dind engine needs the tree of the engine its container runs on.
+        if definition.source == "dind" and definition.host_engine is not None:
+            definition = definition.host_engine
+        if definition.source == "debian":
+            wanted.append((engine_tree_name(definition.name), definition.packages))
     return [name for name, packages in wanted if not tree_is_ready(name, packages)]
 
 
 def engine_tree(definitions: Definitions, name: str) -> Path:
     """Return the directory an engine's binaries run from."""
-    definition = definitions.engines[name]
+    return definition_tree(definitions.engines[name])
+
+
+def definition_tree(definition: EngineDefinition) -> Path:
+    """Return the directory the binaries of ``definition`` run from.
+
+    A dind engine's binaries are in its image; its tree is not used.
+    """
     if definition.source == "binaries":
         return Path(definition.path)
-    return tree_path(engine_tree_name(name))
+    return tree_path(engine_tree_name(definition.name))
 
 
 def busybox_binary() -> str:

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buildfuzz.buildkit_images import buildkit_binaries_dir
+from buildfuzz.capabilities import privileged_problem
 from buildfuzz.definitions import BuilderDefinition, Definitions, EngineDefinition
+from buildfuzz.dind import dind_problem, rootfs_ready
 from buildfuzz.doctor import overlay_supported, version_of
 from buildfuzz.install import (
     CLIENT_TREE,
@@ -28,6 +30,9 @@ class Entry:
 def engine_entries(definitions: Definitions) -> list[Entry]:
     entries = []
     for engine in definitions.engines.values():
+        if engine.source == "dind":
+            entries += _dind_entries(definitions, engine)
+            continue
         missing = missing_trees(definitions, [engine.name])
         dockerd = tree_path(engine_tree_name(engine.name)) / "usr/sbin/dockerd"
         printed = version_of([str(dockerd), "--version"]) if not missing else None
@@ -37,6 +42,31 @@ def engine_entries(definitions: Definitions) -> list[Entry]:
         version = printed.split(" ")[2].rstrip(",") if printed else "?"
         entries.append(Entry("engine", engine.name, version, runs, reason))
         entries += _option_entries(engine, runs)
+    return entries
+
+
+def _dind_entries(definitions: Definitions, engine: EngineDefinition) -> list[Entry]:
+    host = engine.host_engine
+    assert host is not None, "dind definitions are linked to their host on loading"
+    version = f"docker.io of Debian {engine.release}"
+    reason = ""
+    if missing_trees(definitions, [engine.name]):
+        reason = f"host engine {host.name} not downloaded: run `buildfuzz setup`"
+    reason = reason or dind_problem(engine) or ""
+    usable = not reason
+    if usable and not rootfs_ready(engine.release):
+        reason = "its image is made with mmdebstrap on first use"
+    entries = [Entry("engine", engine.name, version, usable, reason)]
+    for driver in engine.storage_drivers:
+        entries.append(
+            Entry(
+                "engine option",
+                f"{engine.name} storage {driver}",
+                "",
+                usable,
+                "" if usable else "engine not usable",
+            )
+        )
     return entries
 
 
@@ -57,6 +87,16 @@ def _option_entries(engine: EngineDefinition, engine_runs: bool) -> list[Entry]:
                 "engine option", f"{engine.name} storage {driver}", "", usable, reason
             )
         )
+    problem = privileged_problem(engine) if engine_runs else "engine not usable"
+    entries.append(
+        Entry(
+            "engine option",
+            f"{engine.name} privileged containers (docker-container driver)",
+            "",
+            problem is None,
+            problem or "",
+        )
+    )
     if engine.containerd_store:
         entries.append(
             Entry(

@@ -19,6 +19,7 @@ from buildfuzz.buildx_versions import ensure_buildx_plugin
 from buildfuzz.case import Case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import BuilderDefinition, Definitions
+from buildfuzz.dind import sandbox_engine
 from buildfuzz.engine import EngineOptions, SandboxEngine
 from buildfuzz.errors import EngineError
 from buildfuzz.external import ExternalEngine
@@ -103,7 +104,7 @@ class Session:
                 self._runners.pop(oldest, None)
             definition = self.definitions.engines[case.engine]
             if definition.sandboxed:
-                engine = SandboxEngine(
+                engine = sandbox_engine(
                     definition,
                     engine_tree(self.definitions, case.engine),
                     self.run_dir,

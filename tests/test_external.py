@@ -1,15 +1,28 @@
 """An existing daemon: buildfuzz runs cases on it and leaves its state as it was."""
 
+import hashlib
+import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import docker
 import pytest
 
 from buildfuzz.baseimage import import_busybox
+from buildfuzz.docker_context import ContextError, context_host
 from buildfuzz.install import busybox_binary
-from tests.conftest import PROFILES, REPO, buildfuzz, client_tools, start_engine
+from tests.conftest import (
+    BUILDFUZZ,
+    PROFILES,
+    REPO,
+    buildfuzz,
+    client_tools,
+    start_engine,
+)
 
-pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("installed")]
+engine = pytest.mark.usefixtures("installed")
 
 
 def snapshot(host: str) -> dict[str, list[str]]:
@@ -32,6 +45,8 @@ def snapshot(host: str) -> dict[str, list[str]]:
         client.close()
 
 
+@pytest.mark.engine
+@engine
 def test_existing_daemon_left_as_it_was(run_dir: Path, tmp_path: Path) -> None:
     owner = start_engine("26.1", run_dir)  # stands in for the user's daemon
     try:
@@ -71,3 +86,177 @@ def test_existing_daemon_left_as_it_was(run_dir: Path, tmp_path: Path) -> None:
     assert "host/classic" not in completed.stdout  # it would use the daemon's cache
     assert "builder left out on an existing daemon" in completed.stderr
     assert after == before
+
+
+def write_context(config: Path, name: str, host: str) -> None:
+    """Store a context the way `docker context create` does."""
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    meta = config / "contexts" / "meta" / digest
+    meta.mkdir(parents=True)
+    (meta / "meta.json").write_text(
+        json.dumps(
+            {
+                "Name": name,
+                "Metadata": {},
+                "Endpoints": {"docker": {"Host": host, "SkipTLSVerify": False}},
+            }
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("ssh://me@example", "reaches only unix:// and tcp:// endpoints"),
+        ("", "has no docker endpoint"),
+    ],
+)
+def test_unusable_contexts_rejected(tmp_path: Path, host: str, message: str) -> None:
+    write_context(tmp_path, "odd", host)
+    with pytest.raises(ContextError, match=message):
+        context_host("odd", tmp_path)
+
+
+def test_context_endpoint_is_read(tmp_path: Path) -> None:
+    write_context(tmp_path, "mine", "unix:///run/x.sock")
+    assert context_host("mine", tmp_path) == "unix:///run/x.sock"
+    with pytest.raises(ContextError, match="'other' not found in"):
+        context_host("other", tmp_path)
+    tls = tmp_path / "contexts" / "tls" / hashlib.sha256(b"mine").hexdigest()
+    (tls / "docker").mkdir(parents=True)
+    (tls / "docker" / "ca.pem").write_text("x")
+    with pytest.raises(ContextError, match="uses TLS files"):
+        context_host("mine", tmp_path)
+
+
+def files_of(directory: Path) -> dict[str, tuple[int, float, bytes]]:
+    """Every file under ``directory`` with its mode, modification time and bytes."""
+    return {
+        str(path.relative_to(directory)): (
+            path.lstat().st_mode,
+            path.lstat().st_mtime,
+            path.read_bytes() if path.is_file() else b"",
+        )
+        for path in sorted(directory.rglob("*"))
+    }
+
+
+@pytest.mark.engine
+@engine
+def test_engine_from_docker_context(run_dir: Path, tmp_path: Path) -> None:
+    """An external engine named by a context of the user's store. The store
+    and the daemon's own state stay as they were."""
+    owner = start_engine("26.1", run_dir)  # in place of the user's daemon
+    user_config = tmp_path / "user-docker"
+    user_config.mkdir()
+    (user_config / "config.json").write_text('{"currentContext": "default"}\n')
+    environment = {**os.environ, "DOCKER_CONFIG": str(user_config)}
+    tools = client_tools(run_dir)
+    try:
+        subprocess.run(
+            [
+                str(tools.cli), "context", "create", "bf-owner",
+                "--docker", f"host={owner.host}",
+            ],
+            env=environment, check=True, capture_output=True,
+        )  # fmt: skip
+        # A copy of the project whose engines.toml has the context engine.
+        home = tmp_path / "home"
+        (home / "builders").mkdir(parents=True)
+        for name in ("builders.toml", "buildkit.toml"):
+            shutil.copy(REPO / "builders" / name, home / "builders" / name)
+        (home / "builders" / "engines.toml").write_text(
+            (REPO / "builders" / "engines.toml").read_text()
+            + '\n[engines.ctx]\nsource = "external"\ncontext = "bf-owner"\n'
+        )
+        (home / "strategies").symlink_to(REPO / "strategies")
+        profile = tmp_path / "context.toml"
+        profile.write_text(
+            (PROFILES / "quiet.toml")
+            .read_text()
+            .replace('engines = ["26.1"]', 'engines = ["ctx"]')
+            .replace(
+                'builders = ["buildx-docker", "classic"]',
+                'builders = ["remote-v0-34"]',
+            )
+        )
+        before = files_of(user_config)
+        daemon_before = snapshot(owner.host)
+        completed = subprocess.run(
+            [
+                *BUILDFUZZ, "run", "--budget", "20s", "--profile", str(profile),
+                "--results", str(tmp_path / "results"),
+                "--workdir", str(run_dir.parent),
+            ],
+            cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+            env={**environment, "BUILDFUZZ_HOME": str(home)},
+        )  # fmt: skip
+        after = files_of(user_config)
+        daemon_after = snapshot(owner.host)
+    finally:
+        owner.stop()
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "cases on ctx/remote-v0-34" in completed.stdout
+    assert after == before
+    assert daemon_after == daemon_before
+
+
+def test_missing_context_is_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "builders").mkdir(parents=True)
+    for name in ("builders.toml", "buildkit.toml"):
+        shutil.copy(REPO / "builders" / name, home / "builders" / name)
+    (home / "builders" / "engines.toml").write_text(
+        (REPO / "builders" / "engines.toml").read_text()
+        + '\n[engines.ctx]\nsource = "external"\ncontext = "absent"\n'
+    )
+    completed = subprocess.run(
+        [*BUILDFUZZ, "builders", "list"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={
+            **os.environ,
+            "BUILDFUZZ_HOME": str(home),
+            "DOCKER_CONFIG": str(tmp_path / "none"),
+        },
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "docker context 'absent' not found in" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_engine_context_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from buildfuzz.cli import _engine_host
+
+    write_context(tmp_path, "mine", "unix:///run/x.sock")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+
+    assert _engine_host(None, "mine") == "unix:///run/x.sock"
+    assert _engine_host("unix:///other.sock", None) == "unix:///other.sock"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--engine-context", "absent"], "--engine-context: docker context 'absent'"),
+        (
+            ["--engine-context", "mine", "--engine-host", "unix:///x.sock"],
+            "both name a daemon; give one",
+        ),
+    ],
+)
+def test_engine_context_mistakes(
+    tmp_path: Path, arguments: list[str], message: str
+) -> None:
+    write_context(tmp_path, "mine", "unix:///run/x.sock")
+    results = tmp_path / "results"
+    completed = subprocess.run(
+        [*BUILDFUZZ, "run", "--budget", "10s", "--results", str(results), *arguments],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "DOCKER_CONFIG": str(tmp_path)},
+    )  # fmt: skip
+
+    assert completed.returncode == 2
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not results.exists()
