@@ -56,6 +56,7 @@ class RunOptions:
     min_free: int = 2 * 2**30  # bytes free under the work directory to go on
     jobs: int = 1  # workers in parallel, each with its own engines
     engine_host: str | None = None  # an existing daemon to use instead of engines
+    disposable_engine: bool = False  # engine_host is a throw-away daemon
     resume: bool = False  # go on with the saved seed from where the last run stopped
     differential: tuple[str, ...] = ()  # builder pairs A:B (oracle_diff)
     tree_oracle: bool = True  # compare built trees with the case's model
@@ -158,6 +159,11 @@ def prepare(options: RunOptions) -> Prepared:
     definitions = load_definitions()
     rules = load_rules(profile.rules)
     ResultsStore.check(options.results)
+    if options.disposable_engine and not options.engine_host:
+        raise UsageError(
+            "--disposable-engine says the --engine-host daemon is a throw-away "
+            "one; give --engine-host or --engine-context too"
+        )
     if options.engine_host:
         # Every case runs on the daemon the user named, as engine "host".
         definitions.engines[HOST_ENGINE] = EngineDefinition(
@@ -168,6 +174,7 @@ def prepare(options: RunOptions) -> Prepared:
             storage_drivers=(),
             source="external",
             host=options.engine_host,
+            disposable=options.disposable_engine,
         )
         profile = replace(profile, engines=(HOST_ENGINE,))
 
@@ -218,9 +225,10 @@ def prepare(options: RunOptions) -> Prepared:
 def _fits_engine(definitions: Definitions, engine: str, builder: str) -> bool:
     """Leave out builders that cannot or must not run on ``engine``.
 
-    The docker driver and the classic builder stay off existing daemons:
-    both would build with the daemon's own cache and images, which belong
-    to its owner; builders of the other drivers keep their state apart.
+    The docker driver and the classic builder stay off existing daemons
+    unless they are disposable: both would build with the daemon's own
+    cache and images, which belong to its owner; builders of the other
+    drivers keep their state apart.
     The docker-container driver stays off engines that cannot start its
     privileged container on this machine (see buildfuzz.capabilities) and
     off dind engines, whose containers have no network.
@@ -242,7 +250,8 @@ def _fits_engine(definitions: Definitions, engine: str, builder: str) -> bool:
                 reason=problem,
             )
             return False
-    if definitions.engines[engine].sandboxed:
+    definition = definitions.engines[engine]
+    if definition.sandboxed or definition.disposable:
         return True
     if driver.classic or driver.driver == "docker":
         log.warning(

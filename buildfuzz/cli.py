@@ -201,6 +201,16 @@ def run(
             "removes only what it created there.",
         ),
     ] = None,
+    disposable_engine: Annotated[
+        bool,
+        typer.Option(
+            "--disposable-engine",
+            help="The --engine-host or --engine-context daemon is a throw-away "
+            "one (such as a CI job's docker:<version>-dind service): run the "
+            "classic builder and the buildx docker driver on it too, which "
+            "leave build cache there.",
+        ),
+    ] = False,
     engine_context: Annotated[
         str | None,
         typer.Option(
@@ -268,6 +278,7 @@ def run(
             min_free=parse_size(min_free, option="--min-free"),
             jobs=jobs,
             engine_host=_engine_host(engine_host, engine_context),
+            disposable_engine=disposable_engine,
             resume=resume,
             differential=_differential_pairs(differential or []),
             tree_oracle=tree_oracle,

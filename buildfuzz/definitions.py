@@ -51,6 +51,9 @@ class EngineDefinition:
     # (every one the kernel defines, as 20.10 does) or "own" (only those that
     # dockerd itself has, as 26.1 does).
     privileged_caps: str = "own"
+    # external: a throw-away daemon (a CI job's dind service) whose images
+    # and build cache buildfuzz may fill, so every builder runs on it.
+    disposable: bool = False
 
     @property
     def sandboxed(self) -> bool:
@@ -192,7 +195,7 @@ def _packages(raw: Any) -> tuple[PackageSet, ...]:
 def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
     keys = {"description", "storage_driver", "packages", "features", "buildkit"}
     keys |= {"storage_drivers", "containerd_store", "source", "path", "host"}
-    keys |= {"privileged_caps", "context", "release"}
+    keys |= {"privileged_caps", "context", "release", "disposable"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
@@ -224,6 +227,12 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
             )
     elif raw.get("release"):
         raise ValueError(f"engine {name!r}: release = NAME needs source dind")
+    disposable = raw.get("disposable", False)
+    if not isinstance(disposable, bool) or (disposable and source != "external"):
+        raise ValueError(
+            f"engine {name!r}: disposable must be true or false, and true only "
+            "with source external"
+        )
     privileged_caps = str(raw.get("privileged_caps", "own"))
     if privileged_caps not in PRIVILEGED_CAPS:
         raise ValueError(
@@ -255,6 +264,7 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
         privileged_caps=privileged_caps,
         context=str(raw.get("context", "")),
         release=str(raw.get("release", "")),
+        disposable=disposable,
     )
 
 

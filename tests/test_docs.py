@@ -19,7 +19,12 @@ import yaml
 from tests.conftest import BUILDFUZZ, REPO
 
 CI_DOCS = REPO / "docs" / "ci"
-YAML_FILES = ("github-actions.yml", "github-actions-shards.yml", "gitlab-ci.yml")
+YAML_FILES = (
+    "github-actions.yml",
+    "github-actions-shards.yml",
+    "github-actions-dind.yml",
+    "gitlab-ci.yml",
+)
 # A command line of the examples: `buildfuzz`, a path ending in `/buildfuzz`,
 # or `./dev.sh` at the start of a line, after optional `sudo`.
 COMMAND = re.compile(r"^\s*(?:sudo\s+)?(?:\./dev\.sh|(?:[\w.-]*/)*buildfuzz)\s+(.*)")
@@ -111,6 +116,17 @@ def test_github_workflow_runs_privileged_debian() -> None:
     assert job["container"] == {"image": "debian:12", "options": "--privileged"}
     # PyYAML reads the key `on` as the boolean true (YAML 1.1).
     assert "schedule" in workflow[True]
+
+
+def test_dind_workflow_fuzzes_each_service() -> None:
+    job = load_yaml("github-actions-dind.yml")["jobs"]["fuzz"]
+    script = "\n".join(shell_texts(job)).replace("\\\n", " ")
+
+    assert job["services"]["docker"]["image"] == "docker:${{ matrix.engine }}-dind"
+    assert job["services"]["docker"]["options"] == "--privileged"
+    assert job["strategy"]["matrix"]["engine"]
+    assert '--engine-host "$ENGINE_HOST" --disposable-engine' in script
+    assert job["env"]["ENGINE_HOST"] == "tcp://docker:2375"
 
 
 def test_sharded_workflow_merges_every_shard() -> None:

@@ -260,3 +260,36 @@ def test_engine_context_mistakes(
     assert message in completed.stderr
     assert "Traceback" not in completed.stderr
     assert not results.exists()
+
+
+@pytest.mark.engine
+@engine
+def test_disposable_daemon_runs_every_builder(run_dir: Path, tmp_path: Path) -> None:
+    """A CI job's dind service: the classic builder and docker driver run too."""
+    service = start_engine("26.1", run_dir)  # stands in for docker:26.1-dind
+    try:
+        completed = buildfuzz(
+            "run", "--budget", "20s", "--engine-host", service.host,
+            "--disposable-engine", "--profile", str(PROFILES / "quiet.toml"),
+            "--results", str(tmp_path / "results"),
+            "--workdir", str(run_dir.parent),
+            cwd=REPO,
+        )  # fmt: skip
+    finally:
+        service.stop()
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "cases on host/classic" in completed.stdout
+    assert "cases on host/buildx-docker" in completed.stdout
+
+
+def test_disposable_engine_needs_a_daemon(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+
+    completed = buildfuzz(
+        "run", "--disposable-engine", "--results", str(results), cwd=REPO
+    )
+
+    assert completed.returncode == 2
+    assert "give --engine-host or --engine-context too" in completed.stderr
+    assert not results.exists()
