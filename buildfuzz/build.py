@@ -241,6 +241,8 @@ def buildx_output(case: Case, case_dir: Path) -> dict[str, str]:
         return {"type": "tar", "dest": str(case_dir / "rootfs.tar")}
     if case.output is Output.LOCAL:
         return {"type": "local", "dest": str(case_dir / "rootfs")}
+    if case.output is Output.OCI:
+        return {"type": "oci", "dest": str(case_dir / "image-oci.tar")}
     if case.output is Output.DOCKER_TAR:
         return {
             "type": "docker",

@@ -1,10 +1,11 @@
 """buildx builders of the docker-container and remote drivers.
 
 These builders do not see the engine's image store, so the busybox base
-comes from a loopback registry. The case's Dockerfile names it as
-``localhost/buildfuzz/busybox:1``; each builder's buildkitd.toml makes
-127.0.0.1:PORT the mirror of the registry "localhost", so Dockerfiles stay
-the same for every builder and no request leaves the machine.
+and the registry bases of ``base_formats`` come from loopback registries.
+The case's Dockerfile names them ``localhost/buildfuzz/NAME:TAG``; each
+builder's buildkitd.toml makes 127.0.0.1:PORT the mirror of the registry
+"localhost", so Dockerfiles stay the same for every builder and no request
+leaves the machine.
 """
 
 import hashlib
@@ -13,11 +14,19 @@ from pathlib import Path
 import structlog
 from python_on_whales import DockerClient, DockerException
 
+from buildfuzz.base_formats import formats_in
+from buildfuzz.base_publisher import (
+    BasePublisher,
+    install_credential_helper,
+    registry_credentials,
+    use_credential_helper,
+)
 from buildfuzz.buildkit_images import (
     HostBuildkitd,
     container_driver_options,
     publish_buildkit_image,
 )
+from buildfuzz.case import Case
 from buildfuzz.definitions import BuilderDefinition
 from buildfuzz.errors import EngineError
 from buildfuzz.registry import LoopbackRegistry
@@ -28,17 +37,24 @@ log = structlog.get_logger(__name__)
 BASE_REPOSITORY = "buildfuzz/busybox"
 
 
-def mirror_config(registry: LoopbackRegistry, extra: str = "") -> str:
-    """Return a buildkitd.toml that serves "localhost" images from ``registry``."""
-    return (
-        '[registry."localhost"]\n'
-        f'  mirrors = ["{registry.address}"]\n'
-        "  http = true\n"
-        "  insecure = true\n"
-        f'[registry."{registry.address}"]\n'
-        "  http = true\n"
-        "  insecure = true\n" + (f"\n{extra}\n" if extra else "")
-    )
+def mirror_config(
+    registry: LoopbackRegistry,
+    extra: str = "",
+    *,
+    auth_registry: LoopbackRegistry | None = None,
+) -> str:
+    """Return a buildkitd.toml that serves "localhost" images from ``registry``.
+
+    With ``auth_registry``, BuildKit tries it second: when a mirror returns
+    404 for a repository, BuildKit goes on to the next mirror.
+    """
+    registries = [registry] if auth_registry is None else [registry, auth_registry]
+    mirrors = ", ".join(f'"{each.address}"' for each in registries)
+    text = f'[registry."localhost"]\n  mirrors = [{mirrors}]\n  http = true\n'
+    text += "  insecure = true\n"
+    for each in registries:
+        text += f'[registry."{each.address}"]\n  http = true\n  insecure = true\n'
+    return text + (f"\n{extra}\n" if extra else "")
 
 
 class BuilderPool:
@@ -47,6 +63,8 @@ class BuilderPool:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self._registry: LoopbackRegistry | None = None
+        self._auth_registry: LoopbackRegistry | None = None
+        self._publisher: BasePublisher | None = None
         self._pushed_base = False
         self._images: dict[str, str] = {}
         self._hosts: dict[str, HostBuildkitd] = {}
@@ -74,7 +92,14 @@ class BuilderPool:
         # it finds the busybox base only if it mirrors "localhost" itself.
         name = "bf-" + hashlib.sha256("/".join(key).encode()).hexdigest()[:10]
         config = self.run_dir / f"{name}.toml"
-        config.write_text(mirror_config(registry, definition.buildkitd_config))
+        config.write_text(
+            mirror_config(
+                registry,
+                definition.buildkitd_config,
+                auth_registry=self._auth_registry,
+            )
+        )
+        self._trust_helper(docker)
         try:
             if definition.driver == "docker-container":
                 image = self._image(docker, registry, definition.buildkit)
@@ -150,10 +175,52 @@ class BuilderPool:
         self._builders[key] = (docker, name)
         return name
 
+    def provide_bases(
+        self,
+        engine_label: str,
+        docker: DockerClient,
+        case: Case,
+        definition: BuilderDefinition,
+    ) -> None:
+        """Make the registry bases of ``case`` reachable for its builder.
+
+        The first case that names a base builds and pushes it. The classic
+        builder and the docker driver read the engine's image store, so the
+        engine pulls the base and tags it with the Dockerfile's name.
+        """
+        bases = formats_in(case.dockerfile)
+        if not bases:
+            return
+        self._ensure_registry(docker)
+        assert self._publisher is not None
+        self._trust_helper(docker)
+        self._publisher.provide(
+            engine_label,
+            docker,
+            bases,
+            platform=case.platform,
+            engine_store=definition.classic or definition.driver == "docker",
+        )
+
+    def _trust_helper(self, docker: DockerClient) -> None:
+        if self._auth_registry is not None:
+            hosts = [self._auth_registry.host, self._auth_registry.address]
+            use_credential_helper(docker, hosts)
+
     def _ensure_registry(self, docker: DockerClient) -> LoopbackRegistry:
         if self._registry is None:
             self._registry = LoopbackRegistry(self.run_dir)
             self._registry.start()
+            # The second registry requires login, for the busybox-auth base.
+            username, password = registry_credentials()
+            install_credential_helper(self.run_dir / "bin")
+            self._auth_registry = LoopbackRegistry(
+                self.run_dir, "registry-auth", username, password
+            )
+            self._auth_registry.start()
+            self._publisher = BasePublisher(
+                self.run_dir, self._registry, self._auth_registry
+            )
         if not self._pushed_base:
             mirrored = self._registry.image(BASE_REPOSITORY, "1")
             docker.image.tag(BUSYBOX_IMAGE, mirrored)
@@ -178,6 +245,8 @@ class BuilderPool:
 
     def forget_engine(self, engine_label: str) -> None:
         """Drop the builders of an engine that is being stopped."""
+        if self._publisher is not None:
+            self._publisher.forget_engine(engine_label)
         for key in [key for key in self._builders if key[0] == engine_label]:
             docker, name = self._builders.pop(key)
             _remove(docker, name)
@@ -189,9 +258,14 @@ class BuilderPool:
         for host in self._hosts.values():
             host.stop()
         self._hosts.clear()
-        if self._registry is not None:
-            self._registry.stop()
-            self._registry = None
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
+        for registry in (self._registry, self._auth_registry):
+            if registry is not None:
+                registry.stop()
+        self._registry = self._auth_registry = None
+        self._pushed_base = False
 
 
 def _remove(docker: DockerClient, name: str) -> None:

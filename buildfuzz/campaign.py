@@ -11,7 +11,12 @@ from pathlib import Path
 import structlog
 
 from buildfuzz.capabilities import privileged_problem
-from buildfuzz.definitions import Definitions, EngineDefinition, load_definitions
+from buildfuzz.definitions import (
+    BuilderDefinition,
+    Definitions,
+    EngineDefinition,
+    load_definitions,
+)
 from buildfuzz.errors import (
     EXIT_FINDINGS,
     EXIT_INTERRUPTED,
@@ -201,6 +206,8 @@ def prepare(options: RunOptions) -> Prepared:
             storage_drivers=definitions.engines[engine].storage_drivers,
             containerd_store=definitions.engines[engine].containerd_store,
             limits=definitions.engines[engine].sandboxed,
+            engine_store=_reads_engine_store(definitions.builders[builder]),
+            registry=_reaches_loopback(definitions.engines[engine]),
         )
         for engine in profile.engines
         for builder in builders
@@ -220,6 +227,21 @@ def prepare(options: RunOptions) -> Prepared:
             "and --offline was given; run `buildfuzz setup` first"
         )
     return Prepared(profile, definitions, rules, targets)
+
+
+def _reads_engine_store(builder: BuilderDefinition) -> bool:
+    return builder.classic or builder.driver == "docker"
+
+
+def _reaches_loopback(engine: EngineDefinition) -> bool:
+    """Whether the engine can pull from a registry on this machine's 127.0.0.1.
+
+    A dind engine's container has no network, and an existing daemon
+    reached over TCP (a CI job's dind service) has a loopback of its own.
+    """
+    if engine.source == "dind":
+        return False
+    return engine.sandboxed or engine.host.startswith("unix://")
 
 
 def _fits_engine(definitions: Definitions, engine: str, builder: str) -> bool:
@@ -287,7 +309,12 @@ def run_campaign(options: RunOptions) -> RunSummary:
         seed = random.randrange(2**32)
     start_index = int(saved.get("next_index", 0)) if saved.get("seed") == seed else 0
     builders = sorted({target.builder for target in prepared.targets})
-    ensure_installed(prepared.definitions, list(prepared.profile.engines), builders)
+    ensure_installed(
+        prepared.definitions,
+        list(prepared.profile.engines),
+        builders,
+        prepared.profile.dockerfile.bases,
+    )
 
     run_dir = create_run_dir(options.workdir)
     try:

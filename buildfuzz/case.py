@@ -43,6 +43,15 @@ class Output(StrEnum):
     TAR = "tar"  # type=tar, the root filesystem as a tar file
     LOCAL = "local"  # type=local, the root filesystem as a directory
     DOCKER_TAR = "docker-tar"  # type=docker to a file, then `docker load`
+    OCI = "oci"  # type=oci, an OCI image layout as a tar file
+
+
+# Build cache export and import (--cache-to, --cache-from): "inline" puts
+# cache metadata into the image; "local" exports to a directory beside the
+# context and imports from it.
+CACHE_MODES = ("", "inline", "local")
+# Attestations (--provenance); the classic builder knows none of them.
+ATTESTATIONS = ("", "provenance-min", "provenance-max")
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,8 @@ class Case:
     target: str = ""  # the stage that --target builds; "" builds the last one
     no_cache: bool = False
     tags: tuple[str, ...] = ()  # tags given in addition to the case's own
+    cache: str = ""  # one of CACHE_MODES
+    attest: str = ""  # one of ATTESTATIONS
     schema: int = CASE_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,7 +168,8 @@ class Case:
 
     def option_arguments(self, context: str) -> list[str]:
         """Return the build command's flags for ``--file``, ``--target``,
-        ``--no-cache`` and the extra tags, with the context at ``context``.
+        ``--no-cache``, the extra tags, the cache and the attestations, with
+        the context at ``context`` (a local cache goes beside it).
         """
         arguments = []
         if self.dockerfile_option is not None:
@@ -169,6 +181,14 @@ class Case:
         if self.output is Output.LOAD:
             for tag in self.tags:
                 arguments += ["--tag", tag]
+        if self.cache == "inline":
+            arguments += ["--cache-to", "type=inline"]
+        elif self.cache == "local":
+            cache = f"{context}.cache"
+            arguments += ["--cache-to", f"type=local,dest={cache}"]
+            arguments += ["--cache-from", f"type=local,src={cache}"]
+        if self.attest:
+            arguments.append(f"--provenance=mode={self.attest.rpartition('-')[2]}")
         return arguments
 
 
@@ -179,6 +199,8 @@ _OPTIONAL_FIELDS = (
     "target",
     "no_cache",
     "tags",
+    "cache",
+    "attest",
 )
 _OPTIONAL_FILE_FIELDS = ("major", "minor", "xattrs")
 
@@ -247,6 +269,8 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
             target=_string(data.get("target", ""), "target"),
             no_cache=_boolean(data.get("no_cache", False), "no_cache"),
             tags=tuple(_strings(data.get("tags", []), "tags")),
+            cache=_choice(data.get("cache", ""), "cache", CACHE_MODES),
+            attest=_choice(data.get("attest", ""), "attest", ATTESTATIONS),
         )
         check_context_path(case.dockerfile_name)
         for name, value in case.build_args:
@@ -255,6 +279,13 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
         raise DataFileError(source, f"invalid case: {error}") from None
 
     return case
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        listed = ", ".join(repr(choice) for choice in choices)
+        raise ValueError(f"{name} must be one of {listed}, not {value!r}")
+    return str(value)
 
 
 def _file_from_dict(item: Any, source: Path | str) -> ContextFile:

@@ -511,8 +511,9 @@ def setup(
                 f"unknown engine {unknown[0]!r}; defined engines: "
                 f"{', '.join(sorted(definitions.engines))}"
             )
-        builders = usable_builders(definitions, load_profile(profile))
-        ensure_installed(definitions, names, builders)
+        chosen = load_profile(profile)
+        builders = usable_builders(definitions, chosen)
+        ensure_installed(definitions, names, builders, chosen.dockerfile.bases)
     except BuildfuzzError as error:
         _fail(error)
     except OSError as error:

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import structlog
@@ -22,12 +23,16 @@ def engine_tree_name(engine: str) -> str:
 
 
 def ensure_installed(
-    definitions: Definitions, engines: list[str], builders: list[str] | None = None
+    definitions: Definitions,
+    engines: list[str],
+    builders: list[str] | None = None,
+    bases: Iterable[str] = (),
 ) -> None:
     """Download and unpack the client, ``engines`` and the busybox base.
 
     The BuildKit versions of ``builders`` are compiled too (minutes each on
-    the first call, then cached).
+    the first call, then cached), and what publishing the registry
+    ``bases`` needs.
     """
     if os.geteuid() != 0:
         raise SetupError("buildfuzz setup needs root: run it with sudo or as root")
@@ -43,11 +48,16 @@ def ensure_installed(
         elif definition.source == "debian":
             ensure_tree(engine_tree_name(name), definition.packages)
     # buildkit_images imports this module for the tree names.
+    from buildfuzz.base_formats import FORMATS_BY_NAME
     from buildfuzz.buildkit_images import RUNC_ENGINE, ensure_buildkit_binaries
     from buildfuzz.registry import registry_binary
 
-    # runc for BuildKit images and host daemons comes from this engine's tree.
-    if any(definitions.builders[b].buildkit for b in builders or []):
+    # runc for BuildKit images and host daemons (the registry bases are built
+    # by one) comes from this engine's tree.
+    bases = list(bases)
+    if any(definitions.builders[b].buildkit for b in builders or []) or any(
+        name in FORMATS_BY_NAME for name in bases
+    ):
         ensure_tree(
             engine_tree_name(RUNC_ENGINE), definitions.engines[RUNC_ENGINE].packages
         )
@@ -63,6 +73,10 @@ def ensure_installed(
     ):
         log.info("building BuildKit if not cached", version=version)
         ensure_buildkit_binaries(version)
+    # The registry bases: their BuildKit, runc, registry and foreign busybox.
+    from buildfuzz.base_publisher import ensure_base_parts
+
+    ensure_base_parts(bases)
 
 
 def builder_problem(definitions: Definitions, name: str) -> str | None:

@@ -31,6 +31,8 @@ CASE_OPTIONS = (
     "target",
     "no_cache",
     "tags",
+    "cache",
+    "attest",
 )
 
 

@@ -15,6 +15,7 @@ from buildfuzz.oracle_tree import (
     compare,
     read_directory,
     read_image,
+    read_oci_layout,
     read_saved_image,
     read_tar,
     render_differences,
@@ -48,6 +49,8 @@ def read_result(case: Case, case_dir: Path, docker: DockerClient) -> Tree | None
             return read_directory(case_dir / "rootfs")
         if case.output is Output.DOCKER_TAR:
             return read_saved_image(case_dir / "image.tar")
+        if case.output is Output.OCI:
+            return read_oci_layout(case_dir / "image-oci.tar")
         return read_image(docker, tag_for(case), case_dir)
     except READ_ERRORS as error:
         log.warning("cannot read the built tree", case_id=case.id, error=str(error))

@@ -72,6 +72,8 @@ def find_leaks(
         return list(_scan_directory(case_dir / "rootfs", values))
     if case.output is Output.DOCKER_TAR:
         return list(_scan_image_tar(case_dir / "image.tar", values))
+    if case.output is Output.OCI:
+        return list(_scan_image_tar(case_dir / "image-oci.tar", values))
     image = tag_for(case)
     leaks = list(
         _scan_text(
@@ -170,7 +172,8 @@ def _scan_directory(root: Path, values: dict[str, str]) -> Iterator[Leak]:
 
 
 def _scan_image_tar(path: Path, values: dict[str, str]) -> Iterator[Leak]:
-    """Scan a ``docker save`` or type=docker tar: configs apart from history, layers."""
+    """Scan a ``docker save``, type=docker or type=oci tar: configs apart from
+    history, layers, and other blobs such as attestations."""
     with tarfile.open(path, "r:*") as archive:
         for member in archive:
             if not member.isreg():

@@ -102,7 +102,10 @@ class CaseChecks:
         if self.model is None:
             return
         self.tree = read_result(self.case, case_dir, self.docker)
-        if self.tree is None or not self.suite.settings.tree:
+        if self.tree is None:
+            result.notes.append("tree oracle: the built tree could not be read")
+            return
+        if not self.suite.settings.tree:
             return
         report = tree_report(
             self.case, self.model, self.tree, self.suite.known, result.notes

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from python_on_whales import DockerClient
 
@@ -210,17 +211,55 @@ def read_saved_image(path: Path) -> Tree:
         manifest = json.loads(_member_bytes(outer, "manifest.json"))
         # An image of no layer (FROM scratch with ENV only) has "Layers": null.
         for layer in manifest[0].get("Layers") or []:
-            data = _member_bytes(outer, layer)
-            if data.startswith(b"\x1f\x8b"):
-                data = gzip.decompress(data)
-            with tarfile.open(
-                fileobj=io.BytesIO(data),
-                mode="r:",
-                encoding="utf-8",
-                errors="surrogateescape",
-            ) as tar:
-                _apply_layer(tree, tar)
+            _apply_layer_bytes(tree, _member_bytes(outer, layer))
     return _resolve_tar_links(tree)
+
+
+# Media types of a manifest list, whose entries are per-platform images.
+_INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+
+
+def read_oci_layout(path: Path) -> Tree:
+    """Apply the layers of the image in an OCI image layout tar (type=oci).
+
+    Nested indexes are followed to the first image that is not an
+    attestation (whose platform is ``unknown/unknown``).
+    """
+    tree = Tree(whole_seconds=True)
+    with tarfile.open(path, "r:") as outer:
+
+        def blob(descriptor: dict[str, Any]) -> bytes:
+            algorithm, _, digest = descriptor["digest"].partition(":")
+            return _member_bytes(outer, f"blobs/{algorithm}/{digest}")
+
+        document = json.loads(_member_bytes(outer, "index.json"))
+        while document.get("mediaType") in _INDEX_TYPES or "manifests" in document:
+            images = [
+                entry
+                for entry in document["manifests"]
+                if entry.get("platform", {}).get("os") != "unknown"
+            ]
+            document = json.loads(blob(images[0]))
+        for layer in document.get("layers") or []:
+            _apply_layer_bytes(tree, blob(layer))
+    return _resolve_tar_links(tree)
+
+
+def _apply_layer_bytes(tree: Tree, data: bytes) -> None:
+    if data.startswith(b"\x1f\x8b"):
+        data = gzip.decompress(data)
+    elif data.startswith(b"\x28\xb5\x2f\xfd"):
+        raise ValueError("a zstd-compressed layer, which the tree oracle cannot read")
+    with tarfile.open(
+        fileobj=io.BytesIO(data),
+        mode="r:",
+        encoding="utf-8",
+        errors="surrogateescape",
+    ) as tar:
+        _apply_layer(tree, tar)
 
 
 def _member_bytes(archive: tarfile.TarFile, name: str) -> bytes:

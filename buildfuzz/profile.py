@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from buildfuzz import secrets
-from buildfuzz.case import BULK_DIR, DEEP_DIR, FileKind, Output
+from buildfuzz.base_formats import BASE_FORMATS
+from buildfuzz.case import (
+    ATTESTATIONS,
+    BULK_DIR,
+    CACHE_MODES,
+    DEEP_DIR,
+    FileKind,
+    Output,
+)
 from buildfuzz.errors import DataFileError
 from buildfuzz.paths import strategies_dir
 
@@ -44,7 +52,9 @@ INSTRUCTION_KINDS = (
     "add-archive",
 )
 # "stage" is FROM the stage before. A first stage uses another base instead.
-BASES = ("scratch", "busybox", "stage")
+LOCAL_BASES = ("scratch", "busybox", "stage")
+# The busybox-* formats are images on a loopback registry (see base_formats).
+BASES = (*LOCAL_BASES, *(base.name for base in BASE_FORMATS))
 TARGETS = ("", "first")  # "first": --target of the first stage
 GIB = 1 << 30
 # Prefix of a file name given as hex bytes, for names that are not UTF-8.
@@ -104,6 +114,8 @@ class BuildAxes:
     targets: tuple[str, ...] = ("",)
     no_cache: tuple[bool, ...] = (False,)
     tags: tuple[tuple[str, ...], ...] = ((),)  # extra tags of a loaded image
+    caches: tuple[str, ...] = ("",)  # see CACHE_MODES
+    attestations: tuple[str, ...] = ("",)  # see ATTESTATIONS
 
 
 @dataclass(frozen=True)
@@ -252,6 +264,10 @@ def _convert(label: str, key: str, raw: Any) -> Any:
         return tuple(_choice(value, INSTRUCTION_KINDS, label) for value in raw)
     if key == "targets":
         return tuple(_choice(value, TARGETS, label) for value in raw)
+    if key == "caches":
+        return tuple(_choice(value, CACHE_MODES, label) for value in raw)
+    if key == "attestations":
+        return tuple(_choice(value, ATTESTATIONS, label) for value in raw)
 
     return _string_tuple(raw, label)
 

@@ -4,7 +4,9 @@ The script recreates the context with plain shell commands (file content
 is a 64-byte block repeated, see ``context.content_block``), imports the
 busybox base from a payload appended to the script when the case uses it,
 runs the same docker command that buildfuzz ran, and checks the log for
-the finding's error message.
+the finding's error message. A registry base (``base_formats``) is built
+again from another payload and pushed to the registry that BASE_REGISTRY
+names; without that variable the script prints what to set and exits 2.
 
 Besides bash and coreutils, a case with extended attributes needs
 ``setfattr`` (Debian package ``attr``); the script checks for it first. A
@@ -13,16 +15,20 @@ socket node behind, so the script says so and goes on without it.
 """
 
 import base64
+import io
 import os
 import posixpath
 import re
 import shlex
 import stat
+import tarfile
 import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from buildfuzz.base_formats import TAG, BaseFormat, formats_in
+from buildfuzz.base_publisher import write_base_context
 from buildfuzz.baseimage import busybox_rootfs_tar
 from buildfuzz.build import IMAGE_NAME
 from buildfuzz.bulk import BULK_MTIME_NS
@@ -34,6 +40,8 @@ from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
 
 PAYLOAD_MARKER = "__BUSYBOX_ROOTFS_BASE64__"
+BASE_PAYLOAD_MARKER = "__BUILDFUZZ_BASE_CONTEXT_BASE64__"
+BASE_PAYLOAD_END = "__BUILDFUZZ_BASE_CONTEXT_END__"
 # Paths longer than this many bytes are reached with a chain of cd commands,
 # because "$ctx" plus the path could pass PATH_MAX (4096 bytes).
 LONG_PATH_BYTES = 1024
@@ -71,7 +79,9 @@ def ansi_quote(text: str) -> str:
 def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
     """Return the text of ``repro.sh`` for ``case`` failing with ``signature``."""
     uses_busybox = any(BUSYBOX_IMAGE in line for line in case.dockerfile)
-    extra_tags = "".join(f" {shlex.quote(tag)}" for tag in case.tags)
+    bases = formats_in(case.dockerfile)
+    base_tags = tuple(base.image for base in bases)
+    extra_tags = "".join(f" {shlex.quote(tag)}" for tag in case.tags + base_tags)
     lines = [
         "#!/usr/bin/env bash",
         "# Reproduction written by buildfuzz; it needs only docker (and the buildx",
@@ -107,9 +117,14 @@ def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
     ]
     if uses_busybox:
         lines += _busybox_import()
+    if bases:
+        lines += _registry_base_commands(case, bases)
 
     lines += ["", *_build_commands(case, timeout), *_verdict(signature)]
     script = "\n".join(lines) + "\n"
+    # The base payload goes first: the busybox one runs to the end of the file.
+    if bases:
+        script += _base_payload(bases)
     if uses_busybox:
         script += _busybox_payload()
     return script
@@ -268,6 +283,80 @@ def _busybox_payload() -> str:
     return f"exit 2\n{PAYLOAD_MARKER}\n{encoded}"
 
 
+def _registry_base_commands(case: Case, bases: list[BaseFormat]) -> list[str]:
+    """Build each registry base again and push it to $BASE_REGISTRY.
+
+    The bases are rebuilt like buildfuzz built them (BuildKit, ``FROM
+    scratch`` plus each platform's busybox tar), on a docker-container builder
+    of BUILDKIT_BASE_IMAGE. Builders that read the engine's image store get
+    the image pulled and tagged with the Dockerfile's name.
+    """
+    from buildfuzz.buildkit_images import newest_release
+    from buildfuzz.definitions import load_definitions
+
+    definition = load_definitions().builders[case.builder]
+    engine_store = definition.classic or definition.driver == "docker"
+    buildkit_image = f"moby/buildkit:{newest_release()}"
+    names = ", ".join(base.image for base in bases)
+    lines = [
+        "",
+        f"# The case builds FROM registry bases that buildfuzz made: {names}.",
+        'if [ -z "${BASE_REGISTRY:-}" ]; then',
+        "  echo 'repro.sh: set BASE_REGISTRY to a registry on this machine that",
+        "docker pushes to and pulls from over plain HTTP (for example",
+        "localhost:5000); the script builds the base images again and pushes",
+        "them there' >&2",
+        "  exit 2",
+        "fi",
+    ]
+    if any(base.authenticated for base in bases):
+        lines.append(
+            "echo 'note: buildfuzz kept this base on a registry that requires "
+            "login; log in to $BASE_REGISTRY with docker login to test that' >&2"
+        )
+    lines += [
+        'base_dir="$work/base"',
+        'mkdir "$base_dir"',
+        f"sed -n '/^{BASE_PAYLOAD_MARKER}$/,/^{BASE_PAYLOAD_END}$/p' \"$0\" "
+        "| sed '1d;$d' | base64 -d | tar -xz -C \"$base_dir\" || exit 2",
+        'base_builder="buildfuzz-base-$$"',
+        'docker buildx create --name "$base_builder" --driver docker-container '
+        f'--driver-opt "image=${{BUILDKIT_BASE_IMAGE:-{buildkit_image}}}'
+        ',network=host" --bootstrap >/dev/null || exit 2',
+    ]
+    for base in bases:
+        reference = f"$BASE_REGISTRY/{base.repository}:{TAG}"
+        flags = " ".join(shlex.quote(flag) for flag in base.build_flags())
+        lines.append(
+            f'docker buildx build --builder "$base_builder" --progress plain {flags} '
+            f'--output "{base.output(reference)}" "$base_dir" > "$work/base.log" '
+            '2>&1 || { cat "$work/base.log"; docker buildx rm "$base_builder"; '
+            "exit 2; }"
+        )
+        if engine_store:
+            platform = case.platform if base.multi_platform and case.platform else ""
+            option = f"--platform {shlex.quote(platform)} " if platform else ""
+            lines += [
+                f'docker pull --quiet {option}"{reference}" >/dev/null || exit 2',
+                f'docker tag "{reference}" {shlex.quote(base.image)} || exit 2',
+            ]
+    lines.append('docker buildx rm "$base_builder" >/dev/null 2>&1')
+    return lines
+
+
+def _base_payload(bases: list[BaseFormat]) -> str:
+    platforms = tuple(sorted({p for base in bases for p in base.platforms}))
+    with tempfile.TemporaryDirectory() as directory:
+        names = tuple(base.name for base in bases)
+        context = write_base_context(Path(directory) / "base", platforms, names)
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for path in sorted(context.iterdir()):
+                archive.add(path, arcname=path.name)
+    encoded = base64.encodebytes(buffer.getvalue()).decode()
+    return f"exit 2\n{BASE_PAYLOAD_MARKER}\n{encoded}{BASE_PAYLOAD_END}\n"
+
+
 def build_command(case: Case, *, classic: bool) -> list[str]:
     """Return the docker command line of ``case``, as a list of words.
 
@@ -284,6 +373,8 @@ def build_command(case: Case, *, classic: bool) -> list[str]:
             command += ["--output", "type=tar,dest=$work/rootfs.tar"]
         elif case.output is Output.LOCAL:
             command += ["--output", "type=local,dest=$work/rootfs"]
+        elif case.output is Output.OCI:
+            command += ["--output", "type=oci,dest=$work/image-oci.tar"]
         elif case.output is Output.DOCKER_TAR:
             command += ["--output", "type=docker,dest=$work/image.tar,name=$image"]
     if case.platform:
@@ -328,12 +419,22 @@ def _builder_commands(definition: "BuilderDefinition", case: Case) -> list[str]:
     if definition.driver not in ("docker-container", "remote"):
         return []
     lines = ['builder="buildfuzz-repro-$$"']
+    config = ""
+    if formats_in(case.dockerfile):
+        # BuildKit fetches "localhost/..." images from $BASE_REGISTRY.
+        section = "  http = true\\n  insecure = true\\n"
+        lines.append(
+            'printf \'[registry."localhost"]\\n  mirrors = ["%s"]\\n'
+            f'{section}[registry."%s"]\\n{section}\' '
+            '"$BASE_REGISTRY" "$BASE_REGISTRY" > "$work/buildkitd.toml"'
+        )
+        config = '--config "$work/buildkitd.toml" '
     if definition.driver == "docker-container":
         image = f"moby/buildkit:{definition.buildkit}"
         lines.append(
             f'docker buildx create --name "$builder" --driver docker-container '
             f'--driver-opt "image=${{BUILDKIT_IMAGE:-{image}}},network=host" '
-            "--bootstrap >/dev/null || exit 2"
+            f"{config}--bootstrap >/dev/null || exit 2"
         )
     else:
         lines.append(
@@ -341,6 +442,12 @@ def _builder_commands(definition: "BuilderDefinition", case: Case) -> list[str]:
             '"${BUILDKIT_HOST:?set BUILDKIT_HOST to the address of a buildkitd}" '
             "--bootstrap >/dev/null || exit 2"
         )
+        if config:
+            # A remote buildkitd reads its own configuration file.
+            lines.append(
+                "echo 'note: the buildkitd at BUILDKIT_HOST needs the registry "
+                'mirror of "localhost" that $work/buildkitd.toml shows\' >&2'
+            )
     lines.append("trap 'docker buildx rm \"$builder\" >/dev/null 2>&1; cleanup' EXIT")
     if any(BUSYBOX_IMAGE in line for line in case.dockerfile):
         lines.append(

@@ -29,6 +29,7 @@ class Rule:
     dockerfile: re.Pattern[str] | None = None
     dockerignore: re.Pattern[str] | None = None
     files: re.Pattern[str] | None = None
+    options: re.Pattern[str] | None = None  # over the output and build flags
     always: bool = False  # every case it applies to must fail with its message
 
     def applies_to(self, case: Case) -> bool:
@@ -45,6 +46,8 @@ class Rule:
             if not self.dockerignore.search(text):
                 return False
         if self.files and not self.files.search(context_listing(case)):
+            return False
+        if self.options and not self.options.search(option_listing(case)):
             return False
         return True
 
@@ -80,7 +83,7 @@ def load_rules(name: str) -> tuple[Rule, ...]:
 
 def _rule(entry: dict[str, Any]) -> Rule:
     allowed = {"id", "reason", "message", "builders", "engines"}
-    allowed |= {"dockerfile", "dockerignore", "files", "always"}
+    allowed |= {"dockerfile", "dockerignore", "files", "options", "always"}
     unknown = sorted(set(entry) - allowed)
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} in rule {entry.get('id')!r}")
@@ -108,6 +111,7 @@ def _rule(entry: dict[str, Any]) -> Rule:
         dockerfile=optional("dockerfile"),
         dockerignore=optional("dockerignore"),
         files=optional("files"),
+        options=optional("options"),
         always=always,
     )
 
@@ -119,6 +123,11 @@ def context_listing(case: Case) -> str:
         suffix = f" -> {entry.target}" if entry.target else ""
         lines.append(f"{entry.kind} {entry.path}{suffix}")
     return "\n".join(lines)
+
+
+def option_listing(case: Case) -> str:
+    """Return the case's output and build flags as one line, for rules."""
+    return " ".join([f"--output={case.output}", *case.option_arguments("CONTEXT")])
 
 
 def matching_rule(rules: tuple[Rule, ...], case: Case, log: str) -> Rule | None:

@@ -94,6 +94,8 @@ def _engine_values(case: Case) -> dict[str, list[str]]:
         "target": ["first" if case.target == FIRST_STAGE else value_label(case.target)],
         "no cache": [value_label(case.no_cache)],
         "extra tags": [value_label(case.tags)],
+        "cache": [value_label(case.cache)],
+        "attestations": [value_label(case.attest)],
     }
 
 

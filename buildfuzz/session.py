@@ -12,6 +12,7 @@ from pathlib import Path
 import structlog
 from python_on_whales import DockerException
 
+from buildfuzz.base_publisher import BasePullError
 from buildfuzz.baseimage import import_busybox
 from buildfuzz.build import BuildResult, CaseRunner, Inspector
 from buildfuzz.buildx_builders import BuilderPool
@@ -167,7 +168,7 @@ class Session:
             raise EngineUnavailable(target, self.unusable[target])
         checks = self.oracles.start(case, engine, self.tools.docker(engine.host))
         try:
-            result = self._runners[engine.label].run(case, checks.inspect)
+            result = self._run(engine, case, checks.inspect)
         except EngineError as error:
             # The builder itself could not be set up on this engine.
             self.unusable[target] = str(error)
@@ -187,6 +188,8 @@ class Session:
                 self.unusable[engine.label] = "the existing daemon stopped answering"
                 raise EngineUnavailable(engine.label, self.unusable[engine.label])
             log.warning("engine died during a case; restarting it", engine=engine.label)
+            # Its builders and pulled bases went with it.
+            self.pool.forget_engine(engine.label)
             engine.stop()
             self._start(engine)
 
@@ -211,6 +214,23 @@ class Session:
             engine = self.engine(case)
         except EngineUnavailable as error:
             raise EngineError(str(error)) from None
+        return self._run(engine, case, inspect)
+
+    def _run(
+        self,
+        engine: SandboxEngine | ExternalEngine,
+        case: Case,
+        inspect: Inspector | None,
+    ) -> BuildResult:
+        """Provide the case's registry bases, then build it on ``engine``."""
+        builder = self.definitions.builders[case.builder]
+        docker = self.tools_for(builder).docker(engine.host)
+        try:
+            self.pool.provide_bases(engine.label, docker, case, builder)
+        except BasePullError as error:
+            # The engine could not pull a base: an outcome of the case, which
+            # is judged like a build that failed with that output.
+            return BuildResult(exit_status=1, log=error.output, duration=0.0)
         return self._runners[engine.label].run(case, inspect)
 
     def close(self) -> None:

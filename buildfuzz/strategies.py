@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from buildfuzz.base_formats import formats_in, unusable_bases
 from buildfuzz.case import Case, Output
 from buildfuzz.profile import Profile
 from buildfuzz.strategies_context import (
@@ -26,6 +27,7 @@ from buildfuzz.strategies_dockerfile import (
     FIRST_STAGE,
     SHELL_INSTRUCTIONS,
     dockerfiles,
+    instruction_kinds,
     render_instruction,
 )
 
@@ -41,6 +43,7 @@ __all__ = [
     "RESERVED_NAMES",
     "SHELL_INSTRUCTIONS",
     "Target",
+    "case_platforms",
     "cases",
     "render_instruction",
 ]
@@ -56,6 +59,11 @@ class Target:
     storage_drivers: tuple[str, ...] = ("overlay2",)
     containerd_store: bool = False
     limits: bool = True  # data-root and memory limits; not for existing daemons
+    # Whether the builder reads the engine's image store (classic, docker
+    # driver). True is the safe default: it rules out more registry bases.
+    engine_store: bool = True
+    # Whether the engine reaches the loopback registry that serves the bases.
+    registry: bool = True
 
 
 def cases(profile: Profile, targets: Sequence[Target]) -> st.SearchStrategy[Case]:
@@ -78,12 +86,19 @@ def _case_strategy(
     dockerignore = draw(dockerignore_patterns(profile))
     dockerfile_dockerignore = draw(dockerfile_dockerignore_patterns(profile))
     stage_target = draw(st.sampled_from(profile.build.targets))
+    excluded_bases = unusable_bases(
+        engine=target.engine,
+        containerd_store=engine_options["containerd_store"],
+        engine_store=target.engine_store,
+        registry=target.registry,
+    )
     dockerfile = draw(
         dockerfiles(
             profile,
             files,
             name_stages=bool(stage_target),
             dockerfile_name=dockerfile_name,
+            excluded_bases=excluded_bases,
         )
     )
 
@@ -91,16 +106,14 @@ def _case_strategy(
     # only ever fail with the builder's "not supported" message.
     outputs = [o for o in profile.build.outputs if o in target.outputs]
     output = draw(st.sampled_from(outputs)) if outputs else Output.LOAD
-    platforms = profile.build.platforms
-    if any(BUSYBOX_IMAGE in line for line in dockerfile):
-        # The local busybox base exists for the machine's platform only; any
-        # other platform would make the engine look for it in a registry.
-        platforms = tuple(p for p in platforms if p in NATIVE_PLATFORMS) or ("",)
+    platforms = case_platforms(profile.build.platforms, dockerfile)
     platform = draw(st.sampled_from(platforms))
     build_args = draw(_subset(profile.build.build_args))
     no_cache = draw(st.sampled_from(profile.build.no_cache))
     # Extra tags name a loaded image; the other outputs have no image to tag.
     tags = draw(st.sampled_from(profile.build.tags)) if output is Output.LOAD else ()
+    cache = draw(st.sampled_from(profile.build.caches))
+    attest = draw(st.sampled_from(profile.build.attestations))
 
     return Case(
         files=files,
@@ -118,7 +131,30 @@ def _case_strategy(
         target=FIRST_STAGE if stage_target == "first" else "",
         no_cache=no_cache,
         tags=tags,
+        cache=cache,
+        attest=attest,
     )
+
+
+def case_platforms(
+    platforms: tuple[str, ...], dockerfile: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Return the platforms of ``platforms`` that every base of ``dockerfile`` has.
+
+    The local busybox base exists for the machine's platform only; any other
+    platform would make the engine look for it in a registry. A registry base
+    has the platforms of its format, and a foreign one only without RUN
+    steps, because no emulator for foreign binaries is set up.
+    """
+    allowed = set(platforms)
+    if any(BUSYBOX_IMAGE in line for line in dockerfile):
+        allowed &= set(NATIVE_PLATFORMS)
+    bases = formats_in(dockerfile)
+    runs = any(kind in SHELL_INSTRUCTIONS for kind in instruction_kinds(dockerfile))
+    for base in bases:
+        options = set(base.platform_options())
+        allowed &= set(NATIVE_PLATFORMS) if runs else options
+    return tuple(p for p in platforms if p in allowed) or ("",)
 
 
 @st.composite

@@ -88,6 +88,8 @@ AXES = (
     Axis("build", "targets", "target"),
     Axis("build", "no_cache", "no cache"),
     Axis("build", "tags", "extra tags"),
+    Axis("build", "caches", "cache"),
+    Axis("build", "attestations", "attestations"),
 )
 
 

@@ -14,13 +14,19 @@ import re
 
 from hypothesis import strategies as st
 
+from buildfuzz.base_formats import BASE_FORMATS
 from buildfuzz.case import DOCKERFILE, ContextFile, FileKind
 from buildfuzz.profile import Profile
 
 # A reference whose registry is "localhost": if the engine ever looks for it
 # in a registry, it asks 127.0.0.1, never a public host.
 BUSYBOX_IMAGE = "localhost/buildfuzz/busybox:1"
-BASE_IMAGES = {"scratch": "scratch", "busybox": BUSYBOX_IMAGE}
+# Registry bases use the same registry name "localhost" (see base_formats).
+BASE_IMAGES = {
+    "scratch": "scratch",
+    "busybox": BUSYBOX_IMAGE,
+    **{base.name: base.image for base in BASE_FORMATS},
+}
 # Kinds that run a command in the image, which a scratch base cannot do.
 SHELL_INSTRUCTIONS = frozenset(
     {
@@ -81,22 +87,25 @@ def dockerfiles(
     *,
     name_stages: bool = False,
     dockerfile_name: str = DOCKERFILE,
+    excluded_bases: frozenset[str] = frozenset(),
 ) -> tuple[str, ...]:
     """Draw a Dockerfile of one or more stages over the context ``files``.
 
     Stages are named ``stage0``, ``stage1`` and so on when there are several
-    or when ``name_stages`` is set (for ``--target``).
+    or when ``name_stages`` is set (for ``--target``). Bases in
+    ``excluded_bases`` are never drawn.
     """
     axes = profile.dockerfile
+    bases = tuple(b for b in axes.bases if b not in excluded_bases) or ("scratch",)
     stages = draw(st.sampled_from(axes.stages))
     named = stages > 1 or name_stages
     lines: list[str] = []
     roots: list[str] = []  # the base image each stage's file system starts from
 
     for stage in range(stages):
-        base = draw(st.sampled_from(axes.bases))
+        base = draw(st.sampled_from(bases))
         if base == "stage" and stage == 0:
-            base = next((b for b in axes.bases if b != "stage"), "scratch")
+            base = next((b for b in bases if b != "stage"), "scratch")
         if base == "stage":
             image, root = f"{STAGE_PREFIX}{stage - 1}", roots[-1]
         else:

@@ -368,3 +368,27 @@ def test_build_timeout_grows_with_the_context() -> None:
     assert 60 <= scaled_timeout(small, 60) < 61
     assert scaled_timeout(sparse, 60) >= 60 + 8 * 60  # holes are read too
     assert scaled_timeout(many, 60) >= 60 + 100
+
+
+def test_cache_and_attestation_round_trip_and_give_flags() -> None:
+    case = Case(cache="local", attest="provenance-max", output=Output.OCI)
+
+    loaded = case_from_dict(json.loads(case.to_json()))
+
+    assert loaded == case
+    assert case.option_arguments("/c") == [
+        "--cache-to", "type=local,dest=/c.cache",
+        "--cache-from", "type=local,src=/c.cache",
+        "--provenance=mode=max",
+    ]  # fmt: skip
+    assert "cache" not in Case().to_dict()  # older case files stay as they were
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("cache", "registry"), ("attest", "sbom"), ("cache", 1)]
+)
+def test_unknown_cache_or_attestation_is_refused(field: str, value: object) -> None:
+    data = {**json.loads(Case().to_json()), field: value}
+
+    with pytest.raises(DataFileError, match=f"{field} must be one of"):
+        case_from_dict(data)

@@ -311,6 +311,15 @@ def test_model_leaves_out_the_classic_excluded_dockerfile_directory() -> None:
     assert "/extracted/docker" not in buildkit.nodes
 
 
+def test_model_leaves_the_attestation_file_to_the_builder() -> None:
+    case = _model_case(output=Output.TAR)
+
+    attested = expected_tree(case.with_changes(attest="provenance-min"))
+
+    assert attested.is_opaque("/provenance.json")
+    assert not expected_tree(case).is_opaque("/provenance.json")
+
+
 def test_model_of_local_output_leaves_owners_out() -> None:
     nodes = expected_tree(_model_case(output=Output.LOCAL)).nodes
 
@@ -780,3 +789,76 @@ def test_saved_image_without_layers_is_empty(tmp_path: Path) -> None:
         tar.add(manifest, arcname="manifest.json")
 
     assert read_saved_image(tmp_path / "save.tar").nodes == {}
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_cache_attestation_and_oci_axes(session: Session) -> None:
+    base = _context_case(Output.TAR)
+
+    def verdict(**changes: object) -> tuple[Verdict, str | None, list[str]]:
+        record = session.execute(base.with_changes(**changes))
+        assert record.evaluation.oracle is None, record.evaluation.detail
+        return record.evaluation.verdict, record.evaluation.rule, record.result.notes
+
+    inline = verdict(cache="inline", output=Output.LOAD)
+    local = verdict(cache="local")
+    provenance = verdict(attest="provenance-min")
+    classic = verdict(cache="inline", builder="classic", output=Output.LOAD)
+    container = verdict(
+        builder="container-v0-34",
+        output=Output.OCI,
+        cache="local",
+        attest="provenance-max",
+    )
+
+    assert inline[0] is Verdict.PASS
+    assert local[:2] == (Verdict.EXPECTED, "docker-driver-cache-export")
+    assert provenance[:2] == (Verdict.EXPECTED, "docker-driver-attestations")
+    assert classic[:2] == (Verdict.EXPECTED, "classic-buildx-flags")
+    # The OCI layout (an index with the image and its attestation) was read
+    # and compared with the model: nothing noted that it could not be.
+    assert container[0] is Verdict.PASS
+    assert not [note for note in container[2] if "oracle" in note], container[2]
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+@pytest.mark.parametrize("builder", ["buildx-docker", "classic"])
+def test_failed_build_whose_log_is_not_utf8(session: Session, builder: str) -> None:
+    name = os.fsdecode(b"non-\xffutf8")  # a surrogate escape, as cases hold it
+    case = Case(
+        files=(ContextFile(name, size=3, mtime_ns=T),),
+        dockerfile=(
+            f"FROM {BUSYBOX_IMAGE}",
+            "COPY . /ctx/",
+            "RUN printf 'non-\\377utf8\\n' && false",  # a raw byte, then a failure
+        ),
+        builder=builder,
+    )
+
+    record = session.execute(case)
+
+    assert record.evaluation.verdict is Verdict.FINDING
+    assert "\ufffd" in record.result.log  # the byte, replaced; no crash
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_secret_in_provenance_is_the_documented_kind(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BUILDFUZZ_TEST_TOKEN", SECRET)
+
+    def judged(output: Output, attest: str) -> tuple[Verdict, str | None]:
+        case = _secret_case("RUN true", output=output)
+        record = session.execute(
+            case.with_changes(builder="container-v0-34", attest=attest)
+        )
+        return record.evaluation.verdict, record.evaluation.rule
+
+    expected = (Verdict.EXPECTED, "build-arg-in-provenance")
+    assert judged(Output.TAR, "provenance-max") == expected
+    assert judged(Output.OCI, "provenance-max") == expected
+    # mode=min records no build arguments.
+    assert judged(Output.TAR, "provenance-min") == (Verdict.PASS, None)

@@ -11,8 +11,8 @@ from buildfuzz.definitions import load_definitions
 from buildfuzz.errors import DataFileError
 from buildfuzz.paths import builders_dir, strategies_dir
 from buildfuzz.profile import (
-    BASES,
     INSTRUCTION_KINDS,
+    LOCAL_BASES,
     available_profiles,
     load_profile,
 )
@@ -55,7 +55,7 @@ def test_default_profile_loads() -> None:
     nightly = load_profile("nightly")
     assert set(nightly.dockerfile.instructions) == set(INSTRUCTION_KINDS)
     assert set(profile.dockerfile.instructions) <= set(INSTRUCTION_KINDS)
-    assert set(profile.dockerfile.bases) == set(BASES)
+    assert set(profile.dockerfile.bases) == set(LOCAL_BASES)
     assert profile.build.outputs == (Output.LOAD, Output.TAR, Output.LOCAL)
 
 

@@ -194,7 +194,7 @@ def test_same_seed_gives_same_cases() -> None:
     runs = []
     for _ in range(2):
         completed = buildfuzz(
-            "run", "--budget", "8s", "--seed", "11",
+            "run", "--budget", "15s", "--seed", "11", "--no-tree-oracle",
             "--profile", str(PROFILES / "quiet.toml"),
             "--results", tempfile_dir(), "--workdir", tempfile_dir(),
             "--log-format", "json",

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
 
+from buildfuzz.base_formats import FORMATS_BY_IMAGE
 from buildfuzz.case import (
     Case,
     ContextFile,
@@ -404,7 +405,7 @@ def test_shell_steps_only_on_busybox_stages(case: Case) -> None:
             root = roots[int(image[5:])] if image.startswith("stage") else image
             roots.append(root)
         elif line.startswith("RUN"):
-            assert root == BUSYBOX_IMAGE, case.dockerfile
+            assert root == BUSYBOX_IMAGE or root in FORMATS_BY_IMAGE, case.dockerfile
 
 
 @EXAMPLES

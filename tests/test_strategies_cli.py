@@ -73,7 +73,7 @@ def test_pools_in_profile_order() -> None:
     assert section(lines, "build.targets") == ["(none)", "first"]
     assert section(lines, "context.bulk_files") == ["0", "100"]
     assert section(lines, "dockerfile.paths")[0] == "Dockerfile"
-    assert section(lines, "context.names")[8] == '"trailing "'
+    assert section(lines, "context.names")[8:10] == ["non-\\xffutf8", '"trailing "']
 
 
 def test_hit_counts_come_from_run_logs(tmp_path: Path) -> None:
