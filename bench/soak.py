@@ -6,17 +6,20 @@ Run as root from the repository after the README set-up:
     .venv/bin/python bench/soak.py --budget 5m --every 10
 
 It starts `buildfuzz run --jobs 2 --profile nightly` and samples, every
-`--every` seconds, the run's processes, their open files, the mounts and
-loop devices under its work directory, and the disk space the work and
-results directories use. It prints how each figure moved between the first
-and the last quarter of the run, then checks that the run left nothing
-behind and that every finding it wrote reads back. It writes
-bench/soak.json. Exit status 0 when every check held, 1 otherwise.
+`--every` seconds, the run's engines, processes, their open files, the
+mounts and loop devices under its work directory, free disk space and the
+space the work and results directories use. Engines start on demand up to
+a bound, so processes, open files and mounts are compared per running
+engine between the first and the last quarter of the run. Then it checks
+that the run left nothing behind and that every finding it wrote reads
+back. It writes bench/soak.json. Exit status 0 when every check held, 1
+otherwise.
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,11 +36,14 @@ from buildfuzz.budget import parse_duration  # noqa: E402
 from buildfuzz.case import load_case  # noqa: E402
 from buildfuzz.errors import BuildfuzzError  # noqa: E402
 from buildfuzz.results import ResultsStore  # noqa: E402
+from buildfuzz.session import MAX_ENGINES  # noqa: E402
 
-# A figure of the last quarter may exceed the first quarter's by this much
-# before it counts as growth: engines start and stop as cases need them.
-GROWTH_ALLOWED = {"processes": 1.5, "open_files": 1.5, "mounts": 2.0, "loops": 2.0}
-DISK_ALLOWED_MIB = 2048  # the work directory's bound, engines' data included
+# Engines start as cases need them, up to MAX_ENGINES a worker, so the
+# run's processes, open files and mounts are compared per running engine: a
+# figure of the last quarter may exceed the first quarter's by this factor
+# before it counts as growth.
+GROWTH_ALLOWED = {"processes": 1.5, "open_files": 1.5, "mounts": 2.0}
+MIN_FREE_MIB = 2048  # buildfuzz run's default --min-free
 
 
 def tree_of(root: psutil.Process) -> list[psutil.Process]:
@@ -80,10 +86,22 @@ def disk_mib(directory: Path) -> float:
     return int(used[0]) / 1024 if used else 0.0
 
 
+def engines_of(processes: list[psutil.Process]) -> int:
+    count = 0
+    for process in processes:
+        try:
+            count += process.name() == "dockerd"
+        except psutil.Error:
+            pass
+    return count
+
+
 def sample(root: psutil.Process, work: Path, results: Path) -> dict[str, float]:
     processes = tree_of(root)
     return {
         "time": time.monotonic(),
+        "engines": engines_of(processes),
+        "free_mib": shutil.disk_usage(work).free / 2**20,
         "processes": len(processes),
         "open_files": open_files(processes),
         "mounts": mounts_under(work),
@@ -94,10 +112,14 @@ def sample(root: psutil.Process, work: Path, results: Path) -> dict[str, float]:
 
 
 def quarters(samples: list[dict[str, float]], key: str) -> tuple[float, float]:
-    quarter = max(1, len(samples) // 4)
-    first = statistics.median(s[key] for s in samples[:quarter])
-    last = statistics.median(s[key] for s in samples[-quarter:])
-    return first, last
+    """Return the median of ``key`` per running engine, first and last quarter."""
+    running = [s for s in samples if s["engines"]]
+    quarter = max(1, len(running) // 4)
+
+    def per_engine(part: list[dict[str, float]]) -> float:
+        return statistics.median(s[key] / s["engines"] for s in part) if part else 0.0
+
+    return per_engine(running[:quarter]), per_engine(running[-quarter:])
 
 
 def leftovers(work: Path) -> list[str]:
@@ -173,14 +195,33 @@ def main() -> int:
         ("ended within budget + 5m", elapsed <= budget + 300, f"{elapsed:.0f} s")
     )
     for key, allowed in GROWTH_ALLOWED.items():
-        first, last = quarters(samples, key) if samples else (0.0, 0.0)
-        figures[key] = {"first_quarter": first, "last_quarter": last}
-        bound = max(first * allowed, first + 4)
-        checks.append((f"{key} steady", last <= bound, f"{first:g} -> {last:g}"))
+        first, last = quarters(samples, key)
+        figures[f"{key}_per_engine"] = {"first_quarter": first, "last_quarter": last}
+        checks.append(
+            (
+                f"{key} per engine steady",
+                last <= max(first * allowed, first + 2),
+                f"{first:.1f} -> {last:.1f}",
+            )
+        )
+    most = max((s["engines"] for s in samples), default=0)
+    bound = arguments.jobs * MAX_ENGINES
+    figures["engines_peak"] = most
+    checks.append((f"engines <= {bound}", most <= bound, f"{most:g}"))
+    loops = max((s["loops"] for s in samples), default=0)
+    checks.append(("loop devices <= engines", loops <= bound, f"{loops:g}"))
     peak = max((s["work_mib"] for s in samples), default=0.0)
+    lowest = min((s["free_mib"] for s in samples), default=0.0)
     figures["work_mib_peak"] = round(peak, 1)
+    figures["free_mib_lowest"] = round(lowest, 1)
+    # The run stops starting cases below --min-free; a case already running
+    # may still write, so allow it one more GiB.
     checks.append(
-        (f"work dir <= {DISK_ALLOWED_MIB} MiB", peak <= DISK_ALLOWED_MIB, f"{peak:.0f}")
+        (
+            "free disk stayed above --min-free",
+            lowest >= MIN_FREE_MIB - 1024,
+            f"lowest {lowest:.0f} MiB free, work dir peak {peak:.0f} MiB",
+        )
     )
     left = leftovers(work)
     checks.append(("nothing left behind", not left, "; ".join(left) or "none"))
