@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -40,7 +39,7 @@ from buildfuzz.install import BUSYBOX_TREE, engine_tree_name
 from buildfuzz.packages import tree_path
 from buildfuzz.paths import builders_dir, cache_root
 from buildfuzz.registry import LoopbackRegistry, free_port
-from buildfuzz.workdir import kill_processes_under, remove_tree
+from buildfuzz.workdir import kill_processes_under, log_tail, remove_tree, stop_process
 
 log = structlog.get_logger(__name__)
 
@@ -581,25 +580,11 @@ class HostBuildkitd:
         )
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no buildkitd log)"
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return log_tail(self.log_path, lines, "(no buildkitd log)")
 
     def stop(self) -> None:
         """Stop buildkitd and remove its state, even if it is already gone."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "buildkitd did not stop in time; killing it", version=self.version
-                )
-                process.kill()
-                process.wait()
+        stop_process(self._process, STOP_TIMEOUT, f"buildkitd {self.version}")
         self._process = None
         kill_processes_under(self.directory)
         remove_tree(self.directory)

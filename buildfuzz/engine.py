@@ -8,7 +8,6 @@ forwarding changes, so it never touches the host's own Docker set-up.
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from buildfuzz.case import Case
 from buildfuzz.definitions import EngineDefinition
 from buildfuzz.errors import EngineError
 from buildfuzz.limits import MemoryCgroup, mount_small_filesystem
-from buildfuzz.workdir import kill_processes_under, remove_tree
+from buildfuzz.workdir import kill_processes_under, log_tail, remove_tree, stop_process
 
 log = structlog.get_logger(__name__)
 
@@ -296,23 +295,11 @@ class SandboxEngine:
             client.close()
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no daemon log)"
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return log_tail(self.log_path, lines, "(no daemon log)")
 
     def stop(self) -> None:
         """Stop the daemon and remove its state, even if it is already gone."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.warning("engine did not stop in time; killing it", engine=self.name)
-                process.kill()
-                process.wait()
+        stop_process(self._process, STOP_TIMEOUT, f"dockerd {self.name}")
         self._process = None
         kill_processes_under(self.directory)
         remove_tree(self.directory)

@@ -10,7 +10,6 @@ need neither TLS nor daemon settings.
 import base64
 import json
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -24,7 +23,7 @@ import structlog
 from buildfuzz.definitions import PackageSet
 from buildfuzz.errors import EngineError, SetupError
 from buildfuzz.packages import ensure_tree
-from buildfuzz.workdir import remove_tree
+from buildfuzz.workdir import log_tail, remove_tree, stop_process
 
 log = structlog.get_logger(__name__)
 
@@ -246,25 +245,11 @@ class LoopbackRegistry:
             return 0, b""
 
     def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no registry log)"
-        return " | ".join(text.strip().splitlines()[-lines:])
+        return log_tail(self.log_path, lines, "(no registry log)")
 
     def stop(self) -> None:
         """Stop the registry and delete its images, even if it is already gone."""
-        process = self._process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                log.warning(
-                    "registry did not stop in time; killing it", registry=self.name
-                )
-                process.kill()
-                process.wait()
+        stop_process(self._process, STOP_TIMEOUT, f"registry {self.name}")
         self._process = None
         remove_tree(self.directory)
         log.info("registry stopped", registry=self.name)

@@ -7,6 +7,7 @@ the buildfuzz process; a later run removes directories whose owner is gone.
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -112,3 +113,27 @@ def remove_tree(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     if directory.exists():
         log.warning("could not remove directory completely", path=str(directory))
+
+
+def stop_process(
+    process: "subprocess.Popen[bytes] | None", timeout: float, name: str
+) -> None:
+    """Stop ``process`` with SIGTERM, and SIGKILL it if it outlives ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("process did not stop in time; killing it", process=name)
+        process.kill()
+        process.wait()
+
+
+def log_tail(path: Path, lines: int, missing: str) -> str:
+    """Return the last ``lines`` lines of a log as one line, or ``missing``."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return missing
+    return " | ".join(text.strip().splitlines()[-lines:])
