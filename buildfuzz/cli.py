@@ -342,6 +342,13 @@ def replay(
         "results"
     ),
     runs: Annotated[int, typer.Option(help="How many times to build each case.")] = 3,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            help="With --all: findings replayed in parallel, each worker with "
+            "sandbox engines of its own."
+        ),
+    ] = 1,
     build_timeout: Annotated[
         str, typer.Option(help="Time one build may take before it counts as a hang.")
     ] = "1m",
@@ -355,13 +362,16 @@ def replay(
     With --all: prints fixed, still failing or changed signature for each
     finding; exit 0 when every finding is fixed, 1 otherwise.
     """
-    from buildfuzz.replay import Status, replay_all, replay_path
+    from buildfuzz.replay import Status, check_jobs, replay_all, replay_path
 
     _configure(log_format)
     try:
         secrets.register_environment(secret_env or [])
         if (path is None) == (not all_findings):
             raise UsageError("give either a finding PATH or --all, not both or neither")
+        check_jobs(jobs)
+        if path is not None and jobs != 1:
+            raise UsageError(f"--jobs {jobs} applies to --all only; leave it out")
         timeout = parse_duration(build_timeout, option="--build-timeout")
         if path is not None:
             report = replay_path(
@@ -370,7 +380,7 @@ def replay(
             reports = [report]
         else:
             reports = replay_all(
-                results, runs=runs, build_timeout=timeout, workdir=workdir
+                results, runs=runs, build_timeout=timeout, workdir=workdir, jobs=jobs
             )
     except BuildfuzzError as error:
         _fail(error)

@@ -13,11 +13,10 @@ import os
 import socket
 import stat
 import tarfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
-from buildfuzz.bulk import BULK_MTIME_NS, DIR_MODE, FILE_MODE, bulk_dirs, bulk_files
+from buildfuzz.bulk import BULK_MTIME_NS, DIR_MODE, FILE_MODE, bulk_files
 from buildfuzz.case import BulkRecipe, Case, ContextFile, FileKind
 
 _CHUNK = 1 << 20
@@ -77,19 +76,16 @@ def archive_content(seed: int, size: int) -> bytes:
 def materialize(case: Case, directory: Path) -> Path:
     """Write the case's context, Dockerfile and .dockerignore files under ``directory``.
 
-    Returns the context path. Attributes are applied deepest first, so a
-    directory's mode and mtime are set after its children are written.
+    Returns the context path. Directories are made first. Every other entry
+    gets its owner, mode, extended attributes and mtime as soon as it is
+    written, through its open descriptor where it has one. Explicit
+    directories get theirs last, deepest first, so that writing their
+    children cannot change their mtime.
     """
     directory.mkdir(parents=True, exist_ok=False)
-    _made_directories.clear()
     root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for entry in case.files:
-            _create(root, entry)
-        if case.bulk is not None:
-            _create_bulk(directory, case.bulk)
-        for entry in sorted(case.files, key=lambda e: e.path.count("/"), reverse=True):
-            _apply_attributes(root, entry)
+        _ContextWriter(root).write(case)
     finally:
         os.close(root)
 
@@ -113,47 +109,10 @@ def _write(path: Path, text: str) -> None:
     path.write_bytes(text.encode("utf-8", "surrogateescape"))
 
 
-@contextmanager
-def _parent(root: int, path: str, *, create: bool) -> Iterator[tuple[int, bytes]]:
-    """Yield an open descriptor of ``path``'s parent directory and its last name.
-
-    Each directory on the way is opened relative to the one before, creating
-    it first when ``create`` is set, so no system call gets the whole path.
-    """
-    encoded = os.fsencode(path)
-    if len(encoded) < SHORT_PATH:
-        # Short paths need no walk: one call relative to the root is enough,
-        # and opening every directory on the way made 100k-file contexts
-        # several times slower than cp -a. (Generated paths never run
-        # through a symlink: strategies place nothing below a non-directory.)
-        parent_path, _, last = encoded.rpartition(b"/")
-        if parent_path and create and parent_path not in _made_directories:
-            os.makedirs(_proc_path(root, parent_path), 0o755, exist_ok=True)
-            _made_directories.add(parent_path)
-        yield root, encoded
-        return
-    *directories, name = encoded.split(b"/")
-    descriptor = os.dup(root)
-    try:
-        for part in directories:
-            if create:
-                try:
-                    os.mkdir(part, 0o755, dir_fd=descriptor)
-                except FileExistsError:
-                    pass
-            child = os.open(
-                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=descriptor
-            )
-            os.close(descriptor)
-            descriptor = child
-        yield descriptor, name
-    finally:
-        os.close(descriptor)
-
-
 SHORT_PATH = 3000  # bytes; longer paths are reached one directory at a time
-# Directories that the current materialize() call has created.
-_made_directories: set[bytes] = set()
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_FD_KINDS = frozenset({FileKind.FILE, FileKind.SPARSE, FileKind.ARCHIVE})
 
 
 def _proc_path(descriptor: int, name: bytes) -> bytes:
@@ -161,36 +120,158 @@ def _proc_path(descriptor: int, name: bytes) -> bytes:
     return f"/proc/self/fd/{descriptor}/".encode() + name
 
 
-def _create(root: int, entry: ContextFile) -> None:
-    with _parent(root, entry.path, create=True) as (parent, name):
-        kind = entry.kind
-        if kind is FileKind.FILE:
-            _write_content(parent, name, entry)
-        elif kind is FileKind.SPARSE:
-            descriptor = _open_new(parent, name)
-            try:
-                os.ftruncate(descriptor, entry.size)
-            finally:
-                os.close(descriptor)
-        elif kind is FileKind.ARCHIVE:
-            data = archive_content(entry.seed, entry.size)
-            _write_bytes(parent, name, data)
-        elif kind is FileKind.DIR:
+def _encode(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+class _ContextWriter:
+    """Create a case's entries under the open directory ``root``.
+
+    Each directory is made once, and each entry is reached from an open
+    descriptor of its parent, so no system call resolves a whole path.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.made: set[bytes] = {b""}  # directories that exist, relative to root
+        self.blocks: dict[int, bytes] = {}  # content_block() by seed
+
+    def write(self, case: Case) -> None:
+        directories: list[tuple[bytes, ContextFile]] = []
+        by_parent: dict[bytes, list[tuple[bytes, ContextFile]]] = {}
+        hardlinks: list[tuple[bytes, ContextFile]] = []
+        for entry in case.files:
+            path = _encode(entry.path)
+            if entry.kind is FileKind.DIR:
+                directories.append((path, entry))
+            elif entry.kind is FileKind.HARDLINK:
+                hardlinks.append((path, entry))
+            else:
+                parent, _, name = path.rpartition(b"/")
+                by_parent.setdefault(parent, []).append((name, entry))
+
+        for path, entry in directories:
+            self._make_directory(path, entry)
+        # NOTE: two writer threads were no faster on a shared 2-core machine:
+        # the time goes to file creation in the kernel, and cp -a uses one.
+        for parent, items in by_parent.items():
+            self._make_parents(parent)
+            self._write_group(parent, items)
+        # A hardlink's source may be any entry, so the links come after them.
+        for path, entry in hardlinks:
+            self._make_parents(path.rpartition(b"/")[0])
+            self._link(path, entry)
+        if case.bulk is not None:
+            self._write_bulk(case.bulk)
+
+        deepest_first = sorted(directories, key=lambda d: d[0].count(b"/"))
+        for path, entry in reversed(deepest_first):
+            self._apply_by_name(path, entry)
+
+    def _make_parents(self, parent: bytes) -> None:
+        if parent in self.made:
+            return
+        if len(parent) < SHORT_PATH:
+            os.makedirs(_proc_path(self.root, parent), 0o755, exist_ok=True)
+        else:
+            os.close(self._open_directory(parent, create=True))
+        self.made.add(parent)
+
+    def _make_directory(self, path: bytes, entry: ContextFile) -> None:
+        parent_path, _, name = path.rpartition(b"/")
+        self._make_parents(parent_path)
+        parent = self._open_directory(parent_path)
+        try:
             try:
                 os.mkdir(name, 0o755, dir_fd=parent)
             except FileExistsError:
-                pass
-        elif kind is FileKind.SYMLINK:
-            os.symlink(os.fsencode(entry.target), name, dir_fd=parent)
-        elif kind is FileKind.HARDLINK:
-            with _parent(root, entry.target, create=False) as (source, source_name):
-                os.link(
-                    source_name,
-                    name,
-                    src_dir_fd=source,
-                    dst_dir_fd=parent,
+                pass  # an implicit parent of an earlier entry
+            for attribute, value in entry.xattrs:
+                os.setxattr(
+                    _proc_path(parent, name),
+                    attribute,
+                    _encode(value),
                     follow_symlinks=False,
                 )
+        finally:
+            self._close(parent)
+        self.made.add(path)
+
+    def _open_directory(self, path: bytes, *, create: bool = False) -> int:
+        """Open the directory at ``path`` (the root itself when it is empty)."""
+        if not path:
+            return self.root
+        if len(path) < SHORT_PATH:
+            return os.open(path, _DIRECTORY, dir_fd=self.root)
+        descriptor = os.dup(self.root)
+        try:
+            for part in path.split(b"/"):
+                if create:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=descriptor)
+                    except FileExistsError:
+                        pass
+                child = os.open(part, _DIRECTORY, dir_fd=descriptor)
+                os.close(descriptor)
+                descriptor = child
+        except BaseException:
+            os.close(descriptor)
+            raise
+        return descriptor
+
+    def _close(self, descriptor: int) -> None:
+        if descriptor != self.root:
+            os.close(descriptor)
+
+    def _write_group(
+        self, parent_path: bytes, items: list[tuple[bytes, ContextFile]]
+    ) -> None:
+        parent = self._open_directory(parent_path)
+        try:
+            for name, entry in items:
+                if entry.kind in _FD_KINDS:
+                    self._write_file(parent, name, entry)
+                else:
+                    self._make_node(parent, name, entry)
+                    _apply_at(parent, name, entry)
+        finally:
+            self._close(parent)
+
+    def _write_file(self, parent: int, name: bytes, entry: ContextFile) -> None:
+        """Write a regular file and set its attributes through its descriptor."""
+        descriptor = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+        try:
+            if entry.kind is FileKind.SPARSE:
+                os.ftruncate(descriptor, entry.size)
+            elif entry.kind is FileKind.ARCHIVE:
+                _write_all(descriptor, archive_content(entry.seed, entry.size))
+            elif entry.size:
+                self._write_content(descriptor, entry.seed, entry.size)
+            for attribute, value in entry.xattrs:
+                os.setxattr(descriptor, attribute, _encode(value))
+            os.fchown(descriptor, entry.uid, entry.gid)
+            # chmod after chown: chown clears the setuid and setgid bits.
+            os.fchmod(descriptor, stat.S_IMODE(entry.mode))
+            os.utime(descriptor, ns=(entry.mtime_ns, entry.mtime_ns))
+        finally:
+            os.close(descriptor)
+
+    def _write_content(self, descriptor: int, seed: int, size: int) -> None:
+        block = self.blocks.get(seed)
+        if block is None:
+            block = self.blocks[seed] = content_block(seed)
+        if size <= _CHUNK:
+            _write_all(descriptor, (block * (size // len(block) + 1))[:size])
+            return
+        chunk = memoryview(block * (_CHUNK // len(block)))
+        remaining = size
+        while remaining > 0:
+            remaining -= os.write(descriptor, chunk[: min(remaining, len(chunk))])
+
+    def _make_node(self, parent: int, name: bytes, entry: ContextFile) -> None:
+        kind = entry.kind
+        if kind is FileKind.SYMLINK:
+            os.symlink(_encode(entry.target), name, dir_fd=parent)
         elif kind is FileKind.FIFO:
             os.mkfifo(name, 0o600, dir_fd=parent)
         elif kind in DEVICE_KINDS:
@@ -198,15 +279,113 @@ def _create(root: int, entry: ContextFile) -> None:
             os.mknod(name, 0o600 | DEVICE_KINDS[kind], device, dir_fd=parent)
         elif kind is FileKind.SOCKET:
             _make_socket(parent, name)
-
-        # user.* attributes exist only on regular files and directories.
+        else:
+            raise ValueError(f"cannot create {entry.path!r} of kind {kind}")
+        # Generated cases give user.* attributes only to regular files and
+        # directories; the kernel rejects them on these kinds.
         for attribute, value in entry.xattrs:
             os.setxattr(
                 _proc_path(parent, name),
                 attribute,
-                value.encode("utf-8", "surrogateescape"),
+                _encode(value),
                 follow_symlinks=False,
             )
+
+    def _link(self, path: bytes, entry: ContextFile) -> None:
+        source_path, _, source_name = _encode(entry.target).rpartition(b"/")
+        parent_path, _, name = path.rpartition(b"/")
+        source = self._open_directory(source_path)
+        try:
+            parent = self._open_directory(parent_path)
+            try:
+                os.link(
+                    source_name,
+                    name,
+                    src_dir_fd=source,
+                    dst_dir_fd=parent,
+                    follow_symlinks=False,
+                )
+            finally:
+                self._close(parent)
+        finally:
+            self._close(source)
+
+    def _apply_by_name(self, path: bytes, entry: ContextFile) -> None:
+        parent_path, _, name = path.rpartition(b"/")
+        parent = self._open_directory(parent_path)
+        try:
+            _apply_at(parent, name, entry)
+        finally:
+            self._close(parent)
+
+    def _write_bulk(self, recipe: BulkRecipe) -> None:
+        """Expand the bulk recipe: files 0644, directories 0755, owner 0:0, one mtime.
+
+        The directories are made before the files and get their attributes
+        after them, children first.
+        """
+        by_parent: dict[bytes, list[tuple[bytes, int]]] = {}
+        for path, size in bulk_files(recipe):
+            parent, _, name = _encode(path).rpartition(b"/")
+            by_parent.setdefault(parent, []).append((name, size))
+        directories = _with_ancestors(by_parent)
+        for directory in directories:
+            try:
+                os.mkdir(directory, 0o755, dir_fd=self.root)
+            except FileExistsError:
+                pass
+
+        contents = {size: file_content(recipe.seed, size) for size in set(recipe.sizes)}
+        times = (BULK_MTIME_NS, BULK_MTIME_NS)
+
+        for parent, items in by_parent.items():
+            self._write_bulk_group(parent, items, contents)
+        for directory in reversed(directories):
+            os.chown(directory, 0, 0, dir_fd=self.root, follow_symlinks=False)
+            os.chmod(directory, DIR_MODE, dir_fd=self.root)
+            os.utime(directory, ns=times, dir_fd=self.root, follow_symlinks=False)
+
+    def _write_bulk_group(
+        self,
+        parent_path: bytes,
+        items: list[tuple[bytes, int]],
+        contents: dict[int, bytes],
+    ) -> None:
+        parent = os.open(parent_path, _DIRECTORY, dir_fd=self.root)
+        times = (BULK_MTIME_NS, BULK_MTIME_NS)
+        try:
+            for name, size in items:
+                descriptor = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+                try:
+                    if size:
+                        _write_all(descriptor, contents[size])
+                    os.fchown(descriptor, 0, 0)
+                    os.fchmod(descriptor, FILE_MODE)
+                    os.utime(descriptor, ns=times)
+                finally:
+                    os.close(descriptor)
+        finally:
+            os.close(parent)
+
+
+def _with_ancestors(directories: Iterable[bytes]) -> list[bytes]:
+    """Return the directories and all their ancestors, parents before children."""
+    found: set[bytes] = set()
+    for directory in directories:
+        while directory and directory not in found:
+            found.add(directory)
+            directory = directory.rpartition(b"/")[0]
+    return sorted(found, key=lambda path: (path.count(b"/"), path))
+
+
+def _apply_at(parent: int, name: bytes, entry: ContextFile) -> None:
+    """Set the owner, mode and mtime of an entry that has no open descriptor."""
+    os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+    if entry.kind is not FileKind.SYMLINK:
+        # chmod after chown: chown clears the setuid and setgid bits.
+        os.chmod(name, stat.S_IMODE(entry.mode), dir_fd=parent)
+    times = (entry.mtime_ns, entry.mtime_ns)
+    os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
 
 
 def _make_socket(parent: int, name: bytes) -> None:
@@ -219,66 +398,7 @@ def _make_socket(parent: int, name: bytes) -> None:
     os.rename(_SOCKET_TEMP, name, src_dir_fd=parent, dst_dir_fd=parent)
 
 
-def _open_new(parent: int, name: bytes) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-    return os.open(name, flags, 0o600, dir_fd=parent)
-
-
-def _write_content(parent: int, name: bytes, entry: ContextFile) -> None:
-    block = content_block(entry.seed)
-    chunk = block * (_CHUNK // len(block))
-    descriptor = _open_new(parent, name)
-    try:
-        remaining = entry.size
-        while remaining > 0:
-            written = os.write(descriptor, chunk[: min(remaining, len(chunk))])
-            remaining -= written
-    finally:
-        os.close(descriptor)
-
-
-def _write_bytes(parent: int, name: bytes, data: bytes) -> None:
-    descriptor = _open_new(parent, name)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view) :]
-    finally:
-        os.close(descriptor)
-
-
-def _apply_attributes(root: int, entry: ContextFile) -> None:
-    if entry.kind is FileKind.HARDLINK:
-        return  # it shares the inode, and so every attribute, with its source
-
-    with _parent(root, entry.path, create=False) as (parent, name):
-        os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
-        if entry.kind is not FileKind.SYMLINK:
-            # chmod after chown: chown clears the setuid and setgid bits.
-            os.chmod(name, stat.S_IMODE(entry.mode), dir_fd=parent)
-        times = (entry.mtime_ns, entry.mtime_ns)
-        os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
-
-
-def _create_bulk(directory: Path, recipe: BulkRecipe) -> None:
-    """Expand the bulk recipe: files 0644, directories 0755, owner 0:0, one mtime."""
-    root = os.fsencode(directory)
-    directories = [os.path.join(root, os.fsencode(d)) for d in bulk_dirs(recipe)]
-    for path in directories:
-        os.makedirs(path, exist_ok=True)
-
-    contents: dict[int, bytes] = {}
-    times = (BULK_MTIME_NS, BULK_MTIME_NS)
-    for relative, size in bulk_files(recipe):
-        if size not in contents:
-            contents[size] = file_content(recipe.seed, size)
-        path = os.path.join(root, os.fsencode(relative))
-        with open(path, "wb") as stream:
-            stream.write(contents[size])
-        os.chown(path, 0, 0)
-        os.chmod(path, FILE_MODE)
-        os.utime(path, ns=times)
-    for path in reversed(directories):
-        os.chown(path, 0, 0)
-        os.chmod(path, DIR_MODE)
-        os.utime(path, ns=times)
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view) :]

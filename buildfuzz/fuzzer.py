@@ -38,11 +38,25 @@ log = structlog.get_logger(__name__)
 BUFFER_SIZE = 8192
 CONFIRM_RUNS = 2  # re-runs of the shrunk case that measure its reproduction rate
 RERUNS = 3  # tries to reproduce a new finding before shrinking it
+# Builds that Hypothesis' shrink phase may use for one finding. Its later
+# passes try many cases that change several choices at once, and most of
+# those pass. The 1-minimal pass that follows costs fewer builds per step,
+# and it makes the result 1-minimal whatever Hypothesis left.
+HYPOTHESIS_SHRINK_BUILDS = 20
 FLAKY_BELOW = 0.8  # a finding reproducing less often than this is labelled flaky
 
 
 class SignatureReproduced(Exception):
     """Raised inside the shrink test when a build gives the target signature."""
+
+
+class _ShrinkStopped(BaseException):
+    """Raised inside the shrink test to end Hypothesis' search at once.
+
+    Hypothesis records an ``Exception`` as a failure of the test and goes on
+    shrinking it, but lets other ``BaseException`` types through, as it
+    does ``KeyboardInterrupt``.
+    """
 
 
 @dataclass
@@ -57,6 +71,10 @@ class ShrinkResult:
     shrunk: bool = True  # false when no re-run reproduced the finding
     tries: int = 1  # builds a simplification may take to reproduce
     interrupted: bool = False  # Ctrl-C or SIGTERM cut shrinking short
+    # Every case built while shrinking, by its JSON: the record that
+    # reproduced the signature, or None. Later steps reuse these outcomes
+    # instead of building the same case again.
+    outcomes: dict[str, CaseRecord | None] = field(default_factory=dict, repr=False)
 
     @property
     def rate(self) -> float:
@@ -254,29 +272,32 @@ class Fuzzer:
         unshrunk, with ``shrunk`` false and its measured rate.
         """
         best: list[CaseRecord] = []
-        seen: dict[str, bool] = {}
+        outcomes: dict[str, CaseRecord | None] = {}
         builds = 0
         budget_spent = False
         tries = 1  # builds a shrink step may take to reproduce; see below
+        build_limit: int | None = None  # set when the re-runs are done
 
         @_settings(InMemoryExampleDatabase())
         @given(self.strategy)
         def reproduces(case: Case) -> None:
             nonlocal builds, budget_spent
             key = case.to_json()
-            if key in seen:
-                matched = seen[key]
+            if key in outcomes:
+                record = outcomes[key]
             elif time.monotonic() >= deadline:
                 budget_spent = True
-                return
+                raise _ShrinkStopped
+            elif build_limit is not None and builds >= build_limit:
+                # The 1-minimal pass goes on from the best case so far.
+                raise _ShrinkStopped
             else:
                 record, used = self._try(case, signature, tries)
                 builds += used
-                matched = record is not None
-                seen[key] = matched
+                outcomes[key] = record
                 if record is not None:
                     best.append(record)
-            if matched:
+            if record is not None:
                 raise SignatureReproduced(signature.id)
 
         # Re-running the original case stores it in the database, and only a
@@ -285,10 +306,10 @@ class Fuzzer:
         reruns = 0
         while not best and reruns < RERUNS and time.monotonic() < deadline:
             reruns += 1
-            seen.clear()
+            outcomes.clear()
             try:
                 reproduces.hypothesis.fuzz_one_input(buffer)  # type: ignore[attr-defined]
-            except SignatureReproduced:
+            except (SignatureReproduced, _ShrinkStopped):
                 pass
         # A finding that needed n tries to reproduce has a rate of about 1/n;
         # a shrink step is accepted when it reproduces within n tries, that is
@@ -306,10 +327,16 @@ class Fuzzer:
                 shrunk=False,
             )
         log.info("finding reproduced", id=signature.id, tries=reruns)
+        build_limit = builds + HYPOTHESIS_SHRINK_BUILDS
 
         try:
             reproduces()
-        except (SignatureReproduced, HypothesisException, ExceptionGroup):
+        except (
+            SignatureReproduced,
+            HypothesisException,
+            ExceptionGroup,
+            _ShrinkStopped,
+        ):
             pass  # the minimal case is in ``best``; Hypothesis' report is not used
         except KeyboardInterrupt:
             # Keep the smallest case so far; the run stops after writing it.
@@ -327,6 +354,7 @@ class Fuzzer:
             attempts=reruns,
             tries=tries,
             interrupted=self.interrupted,
+            outcomes=outcomes,
         )
 
     def _try(
@@ -348,18 +376,25 @@ class Fuzzer:
         self, shrunk: ShrinkResult, signature: Signature, deadline: float
     ) -> None:
         """Make the shrunk case 1-minimal, then explain which axes matter."""
-        records: dict[str, CaseRecord] = {}
+        outcomes = shrunk.outcomes
+        builds = 0
 
         def reproduces(case: Case) -> bool:
+            nonlocal builds
+            key = case.to_json()
+            if key in outcomes:
+                return outcomes[key] is not None
             for _ in range(shrunk.tries):
                 try:
                     record = self.execute(case)
                 except EngineUnavailable:
-                    return False
+                    return False  # not stored: the engine failed, not the case
+                builds += 1
                 self.stats.shrink_builds += 1
                 if self._is_target(record, signature):
-                    records[case.to_json()] = record
+                    outcomes[key] = record
                     return True
+            outcomes[key] = None
             return False
 
         minimal = one_minimal(
@@ -369,11 +404,13 @@ class Fuzzer:
             targets=self.targets,
             deadline=deadline,
         )
-        shrunk.builds += minimal.builds
+        shrunk.builds += builds
         shrunk.complete = shrunk.complete and minimal.complete
         if minimal.case != shrunk.case:
+            record = outcomes[minimal.case.to_json()]
+            assert record is not None  # one_minimal keeps only reproducing cases
             shrunk.case = minimal.case
-            shrunk.record = records[minimal.case.to_json()]
+            shrunk.record = record
         shrunk.explanation = explain(
             shrunk.case,
             reproduces,

@@ -35,11 +35,14 @@ CASE_OPTIONS = (
     "attest",
 )
 
+# Attributes of a context file that a step resets to the profile's default.
+FILE_ATTRIBUTES = ("size", "mode", "uid", "gid", "mtime_ns", "xattrs")
+
 
 @dataclass
 class Minimization:
     case: Case
-    builds: int
+    builds: int  # cases tried, which a caller that caches outcomes may not build
     complete: bool
 
 
@@ -107,40 +110,71 @@ def default_file(profile: Profile, entry: ContextFile) -> ContextFile:
 
 
 def simplifications(
-    case: Case, default: Case, profile: Profile, targets: tuple[Target, ...]
-) -> Iterator[Case]:
-    """Yield every case that undoes one difference of ``case`` from the default."""
+    case: Case,
+    default: Case,
+    profile: Profile,
+    targets: tuple[Target, ...],
+    *,
+    groups: bool = False,
+) -> Iterator[tuple[str, Case]]:
+    """Yield every case that undoes one difference of ``case`` from the default.
+
+    Each case comes with a label that names the step by content, not by
+    position, so that a step keeps its label when an earlier one is applied.
+    With ``groups``, steps that undo several differences at once come first:
+    every Dockerfile line after the first, and every attribute of one file.
+    """
+    if groups:
+        yield from _group_simplifications(case, profile)
     for index, entry in enumerate(case.files):
-        yield replace(case, files=_without_file(case.files, index, entry))
+        label = f"remove file {entry.path!r}"
+        yield label, replace(case, files=_without_file(case.files, index, entry))
     if case.dockerignore is not None:
-        yield replace(case, dockerignore=None)
-        for index in range(len(case.dockerignore)):
+        yield "remove .dockerignore", replace(case, dockerignore=None)
+        for index, pattern in enumerate(case.dockerignore):
             kept = case.dockerignore[:index] + case.dockerignore[index + 1 :]
-            yield replace(case, dockerignore=kept)
+            yield f"remove ignore line {pattern!r}", replace(case, dockerignore=kept)
     for index in range(1, len(case.dockerfile)):
-        yield replace(
-            case, dockerfile=case.dockerfile[:index] + case.dockerfile[index + 1 :]
-        )
+        kept = case.dockerfile[:index] + case.dockerfile[index + 1 :]
+        label = f"remove Dockerfile line {case.dockerfile[index]!r}"
+        yield label, replace(case, dockerfile=kept)
     if case.dockerfile[0] != default.dockerfile[0]:
-        yield replace(case, dockerfile=default.dockerfile[:1] + case.dockerfile[1:])
+        first = default.dockerfile[:1] + case.dockerfile[1:]
+        yield "reset the first Dockerfile line", replace(case, dockerfile=first)
     for name in ENGINE_OPTIONS + ("platform", "output", "build_args") + CASE_OPTIONS:
         if getattr(case, name) != getattr(default, name):
-            yield replace(case, **{name: getattr(default, name)})
-    for index in range(len(case.build_args)):
-        yield replace(
-            case, build_args=case.build_args[:index] + case.build_args[index + 1 :]
-        )
+            yield f"reset {name}", replace(case, **{name: getattr(default, name)})
+    for index, argument in enumerate(case.build_args):
+        kept_args = case.build_args[:index] + case.build_args[index + 1 :]
+        yield f"remove build arg {argument!r}", replace(case, build_args=kept_args)
     for target in targets[:1]:
         if (case.engine, case.builder) != (target.engine, target.builder):
             moved = replace(case, engine=target.engine, builder=target.builder)
             if fits(moved, target):
-                yield moved
+                yield "move to the first target", moved
     for index, entry in enumerate(case.files):
         simple = default_file(profile, entry)
-        for name in ("size", "mode", "uid", "gid", "mtime_ns", "seed", "xattrs"):
-            if getattr(entry, name) != getattr(simple, name) and name != "seed":
+        for name in FILE_ATTRIBUTES:
+            if getattr(entry, name) != getattr(simple, name):
                 changed = replace(entry, **{name: getattr(simple, name)})
-                yield replace(case, files=_with_file(case.files, index, changed))
+                label = f"reset {name} of {entry.path!r}"
+                yield label, replace(case, files=_with_file(case.files, index, changed))
+
+
+def _group_simplifications(case: Case, profile: Profile) -> Iterator[tuple[str, Case]]:
+    if len(case.dockerfile) > 2:
+        yield (
+            "remove every Dockerfile line after the first",
+            replace(case, dockerfile=case.dockerfile[:1]),
+        )
+    for index, entry in enumerate(case.files):
+        simple = default_file(profile, entry)
+        differences = sum(
+            getattr(entry, name) != getattr(simple, name) for name in FILE_ATTRIBUTES
+        )
+        if differences > 1:
+            label = f"reset every attribute of {entry.path!r}"
+            yield label, replace(case, files=_with_file(case.files, index, simple))
 
 
 def _without_file(
@@ -171,25 +205,47 @@ def one_minimal(
     targets: tuple[Target, ...],
     deadline: float,
 ) -> Minimization:
-    """Apply single simplifications while the failure reproduces."""
+    """Apply single simplifications while the failure reproduces.
+
+    A pass tries each step once and, after a step that reproduces, goes on
+    with the next step of the smaller case instead of starting over. Passes
+    repeat until one applies no step: then every step of the final case has
+    been tried on that very case, and none reproduced, so it is 1-minimal.
+    A case already tried is not built again.
+    """
     default = default_case(profile, targets)
     builds = 0
-    tried: set[str] = set()
+    outcomes: dict[str, bool] = {}
     progress = True
+    passes = 0
     while progress:
         progress = False
-        for candidate in simplifications(case, default, profile, targets):
+        passes += 1
+        done: set[str] = set()
+        while True:
+            step = next(
+                (
+                    (label, candidate)
+                    for label, candidate in simplifications(
+                        case, default, profile, targets, groups=passes == 1
+                    )
+                    if label not in done
+                ),
+                None,
+            )
+            if step is None:
+                break
+            label, candidate = step
+            done.add(label)
             key = candidate.to_json()
-            if key in tried:
-                continue
-            if time.monotonic() >= deadline:
-                return Minimization(case, builds, complete=False)
-            tried.add(key)
-            builds += 1
-            if reproduces(candidate):
+            if key not in outcomes:
+                if time.monotonic() >= deadline:
+                    return Minimization(case, builds, complete=False)
+                builds += 1
+                outcomes[key] = reproduces(candidate)
+            if outcomes[key]:
                 case = candidate
                 progress = True
-                break
     return Minimization(case, builds, complete=True)
 
 

@@ -4,6 +4,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -12,7 +13,13 @@ import structlog
 from buildfuzz.case import Case, load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
-from buildfuzz.errors import DataFileError, EngineError, SetupError, UsageError
+from buildfuzz.errors import (
+    BuildfuzzError,
+    DataFileError,
+    EngineError,
+    SetupError,
+    UsageError,
+)
 from buildfuzz.install import CLIENT_TREE, ensure_installed
 from buildfuzz.packages import tree_path
 from buildfuzz.results import ResultsStore
@@ -163,16 +170,27 @@ def replay_path(
 
 
 def replay_all(
-    results: Path, *, runs: int, build_timeout: float, workdir: Path = DEFAULT_BASE
+    results: Path,
+    *,
+    runs: int,
+    build_timeout: float,
+    workdir: Path = DEFAULT_BASE,
+    jobs: int = 1,
 ) -> list[ReplayReport]:
-    """Replay every finding of a results directory."""
+    """Replay every finding of a results directory, ``jobs`` findings at a time.
+
+    Each of the ``jobs`` workers is a forked process with sandbox engines of
+    its own, as in ``buildfuzz run --jobs``. Reports come in the order of
+    the finding directories' names whatever the number of jobs.
+    """
     _check_runs(runs)
+    check_jobs(jobs)
     if not results.is_dir():
         raise UsageError(f"results directory {results} not found; give --results DIR")
     ResultsStore.check(results)
     findings = sorted(path.parent for path in results.glob("*/finding.json"))
     loaded = [
-        (directory, load_case(directory), expected_signature(directory))
+        (directory.name, load_case(directory), expected_signature(directory))
         for directory in findings
     ]
     replayer = Replayer(build_timeout=build_timeout, workdir=workdir)
@@ -180,11 +198,92 @@ def replay_all(
         replayer.check(case)
     if not loaded:
         return []
-    with replayer:
-        return [
-            replayer.replay(directory.name, case, expected, runs)
-            for directory, case, expected in loaded
-        ]
+    if jobs == 1 or len(loaded) == 1:
+        with replayer:
+            return [replayer.replay(*finding, runs) for finding in loaded]
+    return _replay_in_parallel(loaded, replayer, runs=runs, jobs=jobs)
+
+
+MAX_JOBS = 64
+
+
+def check_jobs(jobs: int) -> None:
+    """Raise UsageError unless ``jobs`` is a number of workers buildfuzz runs."""
+    if not 1 <= jobs <= MAX_JOBS:
+        raise UsageError(f"invalid --jobs {jobs}; use a number from 1 to {MAX_JOBS}")
+
+
+_Finding = tuple[str, Case, Signature | None]
+
+
+@dataclass
+class _ShareOutcome:
+    """What one replay worker sends back to the parent process."""
+
+    reports: list[ReplayReport] = field(default_factory=list)
+    error: str = ""  # the message of the error that stopped the worker
+    interrupted: bool = False
+
+
+def _replay_in_parallel(
+    loaded: list[_Finding], replayer: Replayer, *, runs: int, jobs: int
+) -> list[ReplayReport]:
+    # A circular import otherwise: worker.py reports regressions as ReplayReport.
+    from buildfuzz.worker import run_forked
+
+    # Install, check the work directory and remove dead runs' leftovers once
+    # here, so that the workers do not race to do it.
+    ensure_installed(replayer.definitions, sorted(replayer.definitions.engines))
+    remove_tree(create_run_dir(replayer.workdir))
+
+    workers = min(jobs, len(loaded))
+    tasks = [
+        partial(
+            _replay_share,
+            number + 1,
+            loaded[number::workers],
+            runs=runs,
+            build_timeout=replayer.build_timeout,
+            workdir=replayer.workdir,
+        )
+        for number in range(workers)
+    ]
+    outcomes = run_forked(tasks)
+
+    if any(outcome is not None and outcome.interrupted for outcome in outcomes):
+        raise KeyboardInterrupt
+    reports: dict[str, ReplayReport] = {}
+    for outcome in outcomes:
+        if outcome is None:
+            raise EngineError("a replay worker exited without a result; see its log")
+        if outcome.error:
+            raise BuildfuzzError(outcome.error)
+        reports.update((report.name, report) for report in outcome.reports)
+    return [reports[name] for name, _, _ in loaded]
+
+
+def _replay_share(
+    worker: int,
+    findings: list[_Finding],
+    *,
+    runs: int,
+    build_timeout: float,
+    workdir: Path,
+) -> _ShareOutcome:
+    """Replay some findings on engines of this process (a forked worker)."""
+    outcome = _ShareOutcome()
+    names = [name for name, _, _ in findings]
+    log.info("replay worker started", worker=worker, pid=os.getpid(), findings=names)
+    try:
+        with Replayer(build_timeout=build_timeout, workdir=workdir) as replayer:
+            for finding in findings:
+                outcome.reports.append(replayer.replay(*finding, runs))
+    except BuildfuzzError as error:
+        # Sent back as text: not every error's arguments survive pickling.
+        outcome.error = str(error)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    return outcome
 
 
 def _check_runs(runs: int) -> None:

@@ -10,12 +10,12 @@ import fcntl
 import multiprocessing
 import os
 import queue as queue_module
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -39,6 +39,7 @@ from buildfuzz.workdir import remove_tree
 log = structlog.get_logger(__name__)
 
 MAX_SKIPPED_FIRST = 200  # skipped cases before the first build that end a run
+_Result = TypeVar("_Result")
 
 
 @dataclass
@@ -252,24 +253,42 @@ def run_workers(
     if len(plans) == 1:
         return [run_worker(plans[0], options, prepared, claims)]
 
+    tasks = [partial(run_worker, plan, options, prepared, claims) for plan in plans]
+    return [result for result in run_forked(tasks) if result is not None]
+
+
+def run_forked(tasks: Sequence[Callable[[], _Result]]) -> list[_Result | None]:
+    """Run each task in a forked process, all at once; return results in order.
+
+    A task whose process died without a result has None in its place. A
+    Ctrl-C reaches the children too, so this waits for them to clean up and
+    return what they have.
+    """
     context = multiprocessing.get_context("fork")
     queue: Any = context.Queue()
 
-    def work(plan: WorkerPlan) -> None:
-        queue.put(run_worker(plan, options, prepared, claims))
+    def work(number: int, task: Callable[[], _Result]) -> None:
+        queue.put((number, task()))
 
-    processes = [context.Process(target=work, args=(plan,)) for plan in plans]
+    processes = [
+        context.Process(target=work, args=(number, task))
+        for number, task in enumerate(tasks)
+    ]
     for process in processes:
         process.start()
-    results: list[WorkerResult] = []
-    while len(results) < len(processes):
+    results: list[_Result | None] = [None] * len(tasks)
+    received = 0
+    while received < len(processes):
         try:
-            results.append(queue.get(timeout=1))
+            number, result = queue.get(timeout=1)
         except queue_module.Empty:
             if not any(p.is_alive() for p in processes) and queue.empty():
                 break  # a worker died without a result
+            continue
         except KeyboardInterrupt:
             continue  # the workers got the signal too; wait for their clean-up
+        results[number] = result
+        received += 1
     for process in processes:
         process.join()
     return results

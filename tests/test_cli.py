@@ -167,6 +167,25 @@ def test_replay_rejects_unknown_engine(tmp_path: Path) -> None:
     assert_clean_error(completed, mentions="engine '1.0'")
 
 
+@pytest.mark.parametrize(
+    ("arguments", "mentions"),
+    [
+        (["--all", "--jobs", "0"], "invalid --jobs 0"),
+        (["--all", "--jobs", "65"], "invalid --jobs 65"),
+        (["case.json", "--jobs", "2"], "--jobs 2 applies to --all only"),
+    ],
+)
+def test_replay_rejects_bad_jobs(
+    arguments: list[str], mentions: str, results: Path
+) -> None:
+    before = snapshot(results)
+
+    completed = buildfuzz("replay", *arguments, "--results", str(results), cwd=REPO)
+
+    assert_clean_error(completed, mentions=mentions)
+    assert snapshot(results) == before
+
+
 def test_log_format_is_checked(results: Path) -> None:
     completed = buildfuzz(
         "run", "--log-format", "xml", "--results", str(results), cwd=REPO

@@ -429,3 +429,83 @@ def test_generated_nightly_context_matches_case(case: Case) -> None:
         assert dockerfile.read_text(errors="surrogateescape") == case.dockerfile_text
         if case.bulk is not None:
             assert len(list((context / "bulk").rglob("*"))) >= case.bulk.count
+
+
+# Entries in several directories, listed out of order: each directory's
+# entries are written together, and directories get their attributes last.
+
+MIXED_CASE = Case(
+    files=(
+        ContextFile("a/one", size=3, mode=0o4750, uid=1000, gid=1000, seed=1),
+        ContextFile("b/two", size=0, mode=0o600, mtime_ns=5),
+        ContextFile("a", FileKind.DIR, mode=0o000, mtime_ns=7, uid=65534),
+        ContextFile("a/three", size=64, seed=1, mtime_ns=-3),
+        ContextFile("b", FileKind.DIR, mode=0o300, mtime_ns=11),
+        ContextFile("b/sym", FileKind.SYMLINK, target="two", uid=5, mtime_ns=13),
+        ContextFile("b/fifo", FileKind.FIFO, mode=0o640, gid=7, mtime_ns=17),
+        ContextFile(
+            "links/deep/one",
+            FileKind.HARDLINK,
+            size=3,
+            mode=0o4750,
+            uid=1000,
+            gid=1000,
+            seed=1,
+            target="a/one",
+        ),
+        ContextFile("c/d/e", FileKind.DIR, mode=0o1777, mtime_ns=19),
+        ContextFile("c/d/e/f", size=65, seed=2, xattrs=(("user.k", "v"),)),
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def mixed_context(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return materialize(MIXED_CASE, tmp_path_factory.mktemp("mixed") / "context")
+
+
+@pytest.mark.parametrize("entry", MIXED_CASE.files, ids=lambda e: ascii(e.path))
+def test_mixed_entry_matches_case(mixed_context: Path, entry: ContextFile) -> None:
+    check_entry(mixed_context, entry)
+
+
+def test_closed_directories_keep_contents(mixed_context: Path) -> None:
+    names_a = sorted(os.listdir(mixed_context / "a"))
+    names_b = sorted(os.listdir(mixed_context / "b"))
+
+    assert names_a == ["one", "three"]
+    assert names_b == ["fifo", "sym", "two"]
+    assert os.getxattr(mixed_context / "c" / "d" / "e" / "f", "user.k") == b"v"
+
+
+def test_hardlink_in_implicit_directory(mixed_context: Path) -> None:
+    link = os.lstat(mixed_context / "links" / "deep" / "one")
+    source = os.lstat(mixed_context / "a" / "one")
+
+    assert link.st_ino == source.st_ino
+    assert stat.S_IMODE(os.lstat(mixed_context / "links").st_mode) == 0o755
+
+
+@pytest.mark.parametrize("size", [1, 63, 64, 65, 1 << 20, (1 << 20) + 1, 3 << 20])
+def test_content_of_every_size(tmp_path: Path, size: int) -> None:
+    case = Case(
+        files=(
+            ContextFile("first", size=size, seed=5),
+            ContextFile("same-seed", size=size // 2, seed=5),
+        )
+    )
+
+    context = materialize(case, tmp_path / "context")
+
+    assert (context / "first").read_bytes() == file_content(5, size)
+    assert (context / "same-seed").read_bytes() == file_content(5, size // 2)
+
+
+def test_bulk_entries_belong_to_root(wide_context: Path) -> None:
+    owners = {
+        (info.st_uid, info.st_gid)
+        for path in (wide_context / "bulk").rglob("*")
+        for info in [os.lstat(path)]
+    }
+
+    assert owners == {(0, 0)}

@@ -7,15 +7,16 @@ checked quickly and exactly.
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 from hypothesis import settings
 
 from buildfuzz.build import BuildResult
-from buildfuzz.case import Case, FileKind, Output
+from buildfuzz.case import Case, ContextFile, FileKind, Output
 from buildfuzz.errors import UsageError
-from buildfuzz.fuzzer import FindingEvent, Fuzzer
-from buildfuzz.minimize import default_case
+from buildfuzz.fuzzer import CONFIRM_RUNS, FindingEvent, Fuzzer
+from buildfuzz.minimize import default_case, one_minimal, simplifications
 from buildfuzz.profile import load_profile
 from buildfuzz.session import CaseRecord
 from buildfuzz.shard import Shard
@@ -197,3 +198,70 @@ def test_hypothesis_ci_profile_changes_nothing() -> None:
         settings.load_profile("default")
 
     assert under_ci == default
+
+
+def test_shrinking_builds_no_case_twice() -> None:
+    built: list[str] = []
+    events: list[FindingEvent] = []
+    execute = fake_builder(two_axes)
+
+    def record(case: Case) -> CaseRecord:
+        if fuzzer.phase == "shrink":
+            built.append(case.to_json())
+        return execute(case)
+
+    fuzzer = Fuzzer(
+        cases(PROFILE, TARGETS),
+        record,
+        profile=PROFILE,
+        targets=TARGETS,
+        seed=5,
+        known=lambda signature: any(e.signature == signature for e in events),
+        on_finding=events.append,
+        may_continue=lambda: not events,
+    )
+    fuzzer.run(time.monotonic() + 30, shrink_budget=30)
+    shrunk = next(event.shrunk for event in events if event.new)
+
+    assert shrunk is not None
+    final = shrunk.case.to_json()
+    repeated = {key for key in built if key != final and built.count(key) > 1}
+    assert repeated == set()
+    assert built.count(final) == 1 + CONFIRM_RUNS
+
+
+def test_one_minimal_leaves_no_reproducing_step() -> None:
+    default = default_case(PROFILE, TARGETS)
+    case = replace(
+        default,
+        files=(
+            ContextFile("a", size=1, mode=0o4755, uid=1000),
+            ContextFile("b", size=513, mode=0o600, gid=65534),
+            ContextFile("c", FileKind.DIR, mode=0o700),
+        ),
+        dockerfile=("FROM scratch", "COPY . /ctx/", "COPY a /a", "COPY b /b"),
+        output=Output.TAR,
+        platform="linux/amd64",
+    )
+
+    def reproduces(candidate: Case) -> bool:
+        # Needs the tar output, and a setuid file or the line that copies b.
+        setuid = any(f.mode & 0o4000 for f in candidate.files)
+        return candidate.output is Output.TAR and (
+            setuid or "COPY b /b" in candidate.dockerfile
+        )
+
+    minimal = one_minimal(
+        case,
+        reproduces,
+        profile=PROFILE,
+        targets=TARGETS,
+        deadline=time.monotonic() + 60,
+    )
+
+    assert minimal.complete
+    assert reproduces(minimal.case)
+    steps = list(simplifications(minimal.case, default, PROFILE, TARGETS))
+    assert steps
+    for label, candidate in steps:
+        assert not reproduces(candidate), label

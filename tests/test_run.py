@@ -126,6 +126,36 @@ def test_replay_all_reports_still_failing(finding_run) -> None:
     assert "2 findings: 2 not fixed" in completed.stdout
 
 
+def test_replay_all_in_parallel_keeps_order(finding_run) -> None:
+    _, results = finding_run
+    sequential = buildfuzz(
+        "replay", "--all", "--results", str(results), "--runs", "1",
+        "--workdir", tempfile_dir(),
+        cwd=REPO,
+    )  # fmt: skip
+
+    parallel = buildfuzz(
+        "replay", "--all", "--results", str(results), "--runs", "1", "--jobs", "2",
+        "--workdir", tempfile_dir(), "--log-format", "json",
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert parallel.returncode == 1, parallel.stderr[-2000:]
+    assert parallel.stdout.count("still failing") == 2
+    assert "2 findings: 2 not fixed" in parallel.stdout
+    assert parallel.stdout == sequential.stdout
+    workers = worker_events(parallel.stderr)
+    assert len({event["pid"] for event in workers}) == 2
+    replayed = sorted(name for event in workers for name in event["findings"])
+    assert replayed == sorted(path.name for path in finding_dirs(results))
+
+
+def worker_events(stderr: str) -> list[dict]:
+    """The JSON log events of started replay workers."""
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return [event for event in events if event["event"] == "replay worker started"]
+
+
 def test_results_lists_and_shows_findings(finding_run) -> None:
     _, results = finding_run
     finding_id = finding_dirs(results)[0].name
