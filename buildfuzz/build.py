@@ -27,6 +27,9 @@ IMAGE_NAME = "buildfuzz-case"
 # is judged by the time it took, and a slow machine must not look like one.
 SECONDS_PER_GIB = 120.0
 SECONDS_PER_THOUSAND_FILES = 2.0
+# Copies of the context's bytes that a build may write (see disk_needed).
+# NOTE: an estimate; the vfs storage driver copies every layer once more.
+DISK_COPIES = 4
 
 
 @dataclass
@@ -183,18 +186,33 @@ class CaseRunner:
             pass  # nothing was tagged: the build failed or did not load
 
 
-def scaled_timeout(case: Case, base: float) -> float:
-    """Return the time a build of ``case`` may take: ``base`` for a small one."""
+def context_size(case: Case) -> tuple[int, int]:
+    """Return the bytes (a sparse file's holes too) and files of the context."""
     size = sum(entry.size for entry in case.files)
     count = len(case.files)
     if case.bulk is not None:
         size += case.bulk.count * max(case.bulk.sizes)
         count += case.bulk.count
+    return size, count
+
+
+def scaled_timeout(case: Case, base: float) -> float:
+    """Return the time a build of ``case`` may take: ``base`` for a small one."""
+    size, count = context_size(case)
     return (
         base
         + size / 2**30 * SECONDS_PER_GIB
         + count / 1000 * SECONDS_PER_THOUSAND_FILES
     )
+
+
+def disk_needed(case: Case) -> int:
+    """Return an estimate of the disk space a build of ``case`` may fill.
+
+    Builders write the context's bytes several times (their copy of the
+    context, the layer, the exported image) and do not keep holes sparse.
+    """
+    return context_size(case)[0] * DISK_COPIES
 
 
 def tag_for(case: Case) -> str:

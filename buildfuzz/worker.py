@@ -10,6 +10,7 @@ import fcntl
 import multiprocessing
 import os
 import queue as queue_module
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 
 import structlog
 
+from buildfuzz.build import disk_needed
+from buildfuzz.case import Case
 from buildfuzz.client import ClientTools
 from buildfuzz.finding_writer import FindingWriter, WrittenFindings
 from buildfuzz.fuzzer import FindingEvent, Fuzzer, Stats
@@ -31,7 +34,7 @@ from buildfuzz.replay import ReplayReport
 from buildfuzz.results import ResultsStore
 from buildfuzz.rules import worth_building
 from buildfuzz.runlog import RunLog
-from buildfuzz.session import CaseRecord, Session
+from buildfuzz.session import CaseRecord, EngineUnavailable, Session
 from buildfuzz.shard import Shard
 from buildfuzz.strategies import cases
 from buildfuzz.workdir import remove_tree
@@ -125,7 +128,7 @@ def run_worker(
             strategy = strategy.filter(partial(worth_building, prepared.rules))
         fuzzer = Fuzzer(
             strategy,
-            session.execute,
+            _disk_guard(session.execute, plan.run_dir, options.min_free),
             profile=prepared.profile,
             targets=prepared.targets,
             seed=plan.seed,
@@ -185,9 +188,29 @@ def _some_case_runs(session: Session | None, result: WorkerResult) -> bool:
     return False
 
 
-def _enough_disk(directory: Path, min_free: int, result: WorkerResult) -> bool:
-    import shutil
+def _disk_guard(
+    execute: Callable[[Case], CaseRecord], directory: Path, min_free: int
+) -> Callable[[Case], CaseRecord]:
+    """Skip a case whose build could take free space below ``min_free``."""
 
+    def guarded(case: Case) -> CaseRecord:
+        free = shutil.disk_usage(directory).free
+        needed = disk_needed(case)
+        if free - needed < min_free:
+            log.warning(
+                "skipping a case that could fill the disk",
+                case_id=case.id,
+                needed_mib=needed // 2**20,
+                free_mib=free // 2**20,
+                min_free_mib=min_free // 2**20,
+            )
+            raise EngineUnavailable("disk", "not enough free disk for this case")
+        return execute(case)
+
+    return guarded
+
+
+def _enough_disk(directory: Path, min_free: int, result: WorkerResult) -> bool:
     free = shutil.disk_usage(directory).free
     if free >= min_free:
         return True

@@ -1,4 +1,6 @@
-"""Tests of duration parsing and formatting."""
+"""Tests of duration and size parsing, and of the disk guard."""
+
+import shutil
 
 import pytest
 from hypothesis import given, settings
@@ -106,3 +108,22 @@ def test_parse_size_accepts(text: str, expected: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="--min-free"):
         parse_size(text, option="--min-free")
+
+
+def test_disk_guard_skips_a_case_that_could_fill_the_disk(tmp_path) -> None:
+    from buildfuzz.case import Case, ContextFile, FileKind
+    from buildfuzz.session import EngineUnavailable
+    from buildfuzz.worker import _disk_guard
+
+    built = []
+    guarded = _disk_guard(built.append, tmp_path, min_free=2**30)  # type: ignore[arg-type]
+    free = shutil.disk_usage(tmp_path).free
+    small = Case(files=(ContextFile("a", size=10),))
+    # Sparse on disk here, but builders write its holes as data.
+    huge = Case(files=(ContextFile("s", FileKind.SPARSE, size=free),))
+
+    guarded(small)
+    with pytest.raises(EngineUnavailable, match="not enough free disk"):
+        guarded(huge)
+
+    assert built == [small]
