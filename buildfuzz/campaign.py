@@ -10,6 +10,7 @@ from pathlib import Path
 
 import structlog
 
+from buildfuzz import secrets
 from buildfuzz.capabilities import privileged_problem
 from buildfuzz.definitions import (
     BuilderDefinition,
@@ -26,6 +27,7 @@ from buildfuzz.errors import (
     SetupError,
     UsageError,
 )
+from buildfuzz.external import daemon_facts
 from buildfuzz.finding_writer import WrittenFindings
 from buildfuzz.fuzzer import Shard, Stats
 from buildfuzz.install import (
@@ -161,6 +163,7 @@ def prepare(options: RunOptions) -> Prepared:
     if options.build_timeout <= 0:
         raise UsageError("--build-timeout must be a positive duration")
     profile = load_profile(options.profile)
+    secrets.check_available(profile.build.build_args, f"profile {profile.name}")
     definitions = load_definitions()
     rules = load_rules(profile.rules)
     ResultsStore.check(options.results)
@@ -190,6 +193,10 @@ def prepare(options: RunOptions) -> Prepared:
                 f"profile {profile.name}: unknown engine {engine!r}; "
                 f"defined engines: {known}"
             )
+    for engine in profile.engines:
+        if definitions.engines[engine].source == "external":
+            # Before anything is written: an unreachable daemon ends the run.
+            daemon_facts(definitions.engines[engine])
     for builder in profile.builders:
         if builder not in definitions.builders:
             known = ", ".join(sorted(definitions.builders))
@@ -217,7 +224,8 @@ def prepare(options: RunOptions) -> Prepared:
         raise UsageError(
             f"profile {profile.name}: none of its builders can run on its engines; "
             "an existing daemon needs builders of the docker-container or remote "
-            "driver, such as container-v0-34"
+            "driver, such as container-v0-34, or --disposable-engine when it is a "
+            "throw-away daemon"
         )
 
     missing = missing_trees(definitions, list(profile.engines))

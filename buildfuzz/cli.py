@@ -424,6 +424,7 @@ ResultsOption = Annotated[
 @results_app.callback()
 def results_list(ctx: typer.Context, results: ResultsOption = Path("results")) -> None:
     """List findings: id, phase, oracle, reproduction rate, first and last seen."""
+    ctx.obj = results  # `results --results DIR show ID` reads DIR too
     if ctx.invoked_subcommand is not None:
         return
     from buildfuzz.results import ResultsStore
@@ -454,10 +455,14 @@ def results_list(ctx: typer.Context, results: ResultsOption = Path("results")) -
 
 @results_app.command("show")
 def results_show(
+    ctx: typer.Context,
     finding_id: Annotated[str, typer.Argument(help="The finding id.")],
-    results: ResultsOption = Path("results"),
+    results: Annotated[
+        Path | None, typer.Option("--results", help="Results directory to read.")
+    ] = None,
 ) -> None:
     """Print one finding's README."""
+    results = results or ctx.obj or Path("results")
     page = results / finding_id / "README.md"
     if not (results / finding_id / "finding.json").exists():
         _fail(UsageError(f"finding {finding_id!r} not found in {results}"))

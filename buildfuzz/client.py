@@ -11,6 +11,7 @@ from pathlib import Path
 
 from python_on_whales import DockerClient
 
+from buildfuzz.docker_context import remember_user_environment
 from buildfuzz.errors import SetupError
 
 # Variables that would make the CLI or buildx use the user's set-up instead
@@ -79,6 +80,7 @@ def isolate_environment(config_dir: Path) -> None:
 
     python-on-whales passes this process' environment to each CLI call.
     """
+    remember_user_environment()
     for name in _USER_VARIABLES:
         os.environ.pop(name, None)
     os.environ["DOCKER_CONFIG"] = str(config_dir)

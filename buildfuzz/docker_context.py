@@ -23,8 +23,26 @@ class ContextError(ValueError):
     """A docker context that is missing or that buildfuzz cannot use."""
 
 
+# The user's DOCKER_CONFIG and DOCKER_HOST, as they were before buildfuzz
+# pointed its own process at a private configuration (client.py).
+_user_environment: dict[str, str | None] = {}
+
+
+def remember_user_environment() -> None:
+    """Keep the user's docker variables for later context look-ups (once)."""
+    if not _user_environment:
+        for name in ("DOCKER_CONFIG", "DOCKER_HOST"):
+            _user_environment[name] = os.environ.get(name)
+
+
+def _user_variable(name: str) -> str | None:
+    if _user_environment:
+        return _user_environment[name]
+    return os.environ.get(name)
+
+
 def user_config_dir() -> Path:
-    configured = os.environ.get("DOCKER_CONFIG")
+    configured = _user_variable("DOCKER_CONFIG")
     return Path(configured) if configured else Path.home() / ".docker"
 
 
@@ -32,7 +50,7 @@ def context_host(name: str, config_dir: Path | None = None) -> str:
     """Return the docker endpoint of context ``name`` as a host URL."""
     config_dir = config_dir or user_config_dir()
     if name == "default":
-        return os.environ.get("DOCKER_HOST") or DEFAULT_HOST
+        return _user_variable("DOCKER_HOST") or DEFAULT_HOST
 
     digest = hashlib.sha256(name.encode()).hexdigest()
     meta = config_dir / "contexts" / "meta" / digest / "meta.json"

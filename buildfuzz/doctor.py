@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buildfuzz.definitions import Definitions
+from buildfuzz.external import daemon_status
 from buildfuzz.install import (
     BUSYBOX_TREE,
     CLIENT_TREE,
@@ -124,6 +125,14 @@ def _busybox_check() -> Check:
 def _engine_check(definitions: Definitions, name: str) -> Check:
     if definitions.engines[name].source == "dind":
         return _dind_check(definitions, name)
+    if definitions.engines[name].source == "external":
+        running, problem = daemon_status(definitions.engines[name])
+        return Check(
+            f"engine {name}",
+            problem is None,
+            problem or f"existing daemon, Docker {running}",
+            "start the daemon, or correct its host or docker context",
+        )
     dockerd = tree_path(engine_tree_name(name)) / "usr/sbin/dockerd"
     version = version_of([str(dockerd), "--version"]) if dockerd.exists() else None
     missing = missing_trees(definitions, [name])

@@ -9,10 +9,12 @@ its loopback registry) and nothing else.
 """
 
 from pathlib import Path
+from typing import Any
 
 import docker
 import structlog
 from python_on_whales import DockerClient, DockerException
+from requests.exceptions import RequestException
 
 from buildfuzz.definitions import EngineDefinition
 from buildfuzz.engine import EngineInfo, EngineOptions
@@ -22,6 +24,47 @@ log = structlog.get_logger(__name__)
 
 # Image references that buildfuzz creates on an engine; only these are removed.
 OWN_IMAGE_PREFIXES = ("buildfuzz-case:", "localhost/buildfuzz/")
+
+
+def daemon_facts(definition: EngineDefinition) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return the version and info of the daemon an external engine names.
+
+    Raise EngineError naming the host and where it came from when the
+    daemon cannot be reached or the host is not a URL the client reads.
+    """
+    try:
+        client = docker.DockerClient(base_url=definition.host, timeout=30)
+        try:
+            return client.version(), client.info()
+        finally:
+            client.close()
+    except (
+        docker.errors.DockerException,
+        RequestException,
+        OSError,
+        ValueError,
+    ) as error:
+        where = (
+            f"docker context {definition.context}"
+            if definition.context
+            else "the daemon's address (unix:///PATH or tcp://HOST:PORT)"
+        )
+        reason = (
+            str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        )
+        raise EngineError(
+            f"cannot reach the Docker daemon at {definition.host!r}: {reason}; "
+            f"check {where}"
+        ) from None
+
+
+def daemon_status(definition: EngineDefinition) -> tuple[str, str | None]:
+    """Return an external engine's version and why it cannot be used, or None."""
+    try:
+        version, _ = daemon_facts(definition)
+    except EngineError as error:
+        return "?", str(error)
+    return str(version.get("Version", "?")), None
 
 
 class ExternalEngine:
@@ -42,21 +85,7 @@ class ExternalEngine:
 
     def start(self) -> EngineInfo:
         self.directory.mkdir(parents=True, exist_ok=True)
-        client = docker.DockerClient(base_url=self.host, timeout=30)
-        try:
-            version = client.version()
-            info = client.info()
-        except docker.errors.DockerException as error:
-            where = (
-                f"docker context {self.definition.context}"
-                if self.definition.context
-                else "DOCKER_HOST or the engine's host"
-            )
-            raise EngineError(
-                f"cannot reach the Docker daemon at {self.host}: {error}; check {where}"
-            ) from None
-        finally:
-            client.close()
+        version, info = daemon_facts(self.definition)
         containerd = next(
             (c.get("Version", "") for c in version.get("Components", [])
              if c.get("Name") == "containerd"),
@@ -74,7 +103,10 @@ class ExternalEngine:
         return self.info
 
     def is_healthy(self) -> bool:
-        client = docker.DockerClient(base_url=self.host, timeout=10)
+        try:
+            client = docker.DockerClient(base_url=self.host, timeout=10)
+        except docker.errors.DockerException:
+            return False
         try:
             return bool(client.ping())
         except docker.errors.DockerException:

@@ -74,7 +74,10 @@ def render_finding_readme(
         "",
         "| axis | value | default |",
         "|---|---|---|",
-        *[f"| {a} | `{v}` | `{d}` |" for a, v, d in needed_axes(case, default)],
+        *[
+            f"| {a} | `{_cell(v)}` | `{_cell(d)}` |"
+            for a, v, d in needed_axes(case, default)
+        ],
         "",
     ]
     tried = [r for r in record.explanation if r["failing"] or r["passing"]]
@@ -153,3 +156,8 @@ def _shrink_note(record: FindingRecord) -> str:
 
 def _times(count: int) -> str:
     return "once" if count == 1 else f"{count} times"
+
+
+def _cell(text: str) -> str:
+    """Return ``text`` fit for one Markdown table cell: one line, no bar."""
+    return text.replace("\n", "\\n").replace("|", "\\|")

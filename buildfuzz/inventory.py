@@ -9,6 +9,7 @@ from buildfuzz.capabilities import privileged_problem
 from buildfuzz.definitions import BuilderDefinition, Definitions, EngineDefinition
 from buildfuzz.dind import dind_problem, rootfs_ready
 from buildfuzz.doctor import overlay_supported, version_of
+from buildfuzz.external import daemon_status
 from buildfuzz.install import (
     CLIENT_TREE,
     builder_problem,
@@ -32,6 +33,12 @@ def engine_entries(definitions: Definitions) -> list[Entry]:
     for engine in definitions.engines.values():
         if engine.source == "dind":
             entries += _dind_entries(definitions, engine)
+            continue
+        if engine.source == "external":
+            version, problem = daemon_status(engine)
+            entries.append(
+                Entry("engine", engine.name, version, problem is None, problem or "")
+            )
             continue
         missing = missing_trees(definitions, [engine.name])
         dockerd = tree_path(engine_tree_name(engine.name)) / "usr/sbin/dockerd"

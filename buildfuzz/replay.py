@@ -10,6 +10,7 @@ from types import TracebackType
 
 import structlog
 
+from buildfuzz import secrets
 from buildfuzz.case import Case, load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
@@ -101,6 +102,7 @@ class Replayer:
                 f"case names builder {case.builder!r}, which builders/builders.toml "
                 f"does not define; defined builders: {', '.join(sorted(builders))}"
             )
+        secrets.check_available(case.build_args, f"case {case.id}")
 
     def __enter__(self) -> "Replayer":
         ensure_installed(self.definitions, sorted(self.definitions.engines))

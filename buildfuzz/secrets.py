@@ -69,6 +69,17 @@ def check_argument(name: str, value: str) -> None:
         )
 
 
+def check_available(arguments: Iterable[tuple[str, str]], source: str) -> None:
+    """Raise UsageError for a secret build argument whose variable is not set."""
+    for name, value in arguments:
+        variable = value.removeprefix(ENV_PREFIX)
+        if is_reference(value) and variable not in os.environ:
+            raise UsageError(
+                f"{source}: build argument {name} takes its value from the "
+                f"environment variable {variable}, which is not set; export it"
+            )
+
+
 def resolve(value: str) -> str:
     """Return a build argument's value, reading ``env:NAME`` references."""
     if not value.startswith(ENV_PREFIX):

@@ -226,10 +226,13 @@ def test_missing_context_is_one_line(tmp_path: Path) -> None:
 
 
 def test_engine_context_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from buildfuzz import docker_context
     from buildfuzz.cli import _engine_host
 
     write_context(tmp_path, "mine", "unix:///run/x.sock")
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    # As in a fresh buildfuzz process, which has not hidden the user's set-up.
+    monkeypatch.setattr(docker_context, "_user_environment", {})
 
     assert _engine_host(None, "mine") == "unix:///run/x.sock"
     assert _engine_host("unix:///other.sock", None) == "unix:///other.sock"
@@ -293,3 +296,60 @@ def test_disposable_engine_needs_a_daemon(tmp_path: Path) -> None:
     assert completed.returncode == 2
     assert "give --engine-host or --engine-context too" in completed.stderr
     assert not results.exists()
+
+
+@pytest.mark.parametrize(
+    "host", ["unix:///nonexistent.sock", "tcp://127.0.0.1:1", "http://foo"]
+)
+def test_unreachable_daemon_is_one_line(tmp_path: Path, host: str) -> None:
+    results = tmp_path / "results"
+
+    completed = buildfuzz(
+        "run", "--budget", "10s", "--engine-host", host, "--disposable-engine",
+        "--results", str(results), cwd=REPO,
+    )  # fmt: skip
+
+    assert completed.returncode == 2
+    assert f"cannot reach the Docker daemon at '{host}'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not results.exists()
+
+
+def test_context_found_after_isolation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Definitions read again inside a run still see the user's contexts."""
+    from buildfuzz import docker_context
+    from buildfuzz.client import isolate_environment
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    monkeypatch.setattr(docker_context, "_user_environment", {})
+    user = tmp_path / "user"
+    write_context(user, "mine", "unix:///run/x.sock")
+    os.environ["DOCKER_CONFIG"] = str(user)
+
+    isolate_environment(tmp_path / "private")
+
+    assert os.environ["DOCKER_CONFIG"] == str(tmp_path / "private")
+    assert context_host("mine") == "unix:///run/x.sock"
+
+
+def test_builders_list_reports_an_unreachable_existing_daemon(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "builders").mkdir(parents=True)
+    for name in ("builders.toml", "buildkit.toml"):
+        shutil.copy(REPO / "builders" / name, home / "builders" / name)
+    (home / "builders" / "engines.toml").write_text(
+        (REPO / "builders" / "engines.toml").read_text()
+        + '\n[engines.gone]\nsource = "external"\nhost = "unix:///nonexistent.sock"\n'
+    )
+
+    completed = subprocess.run(
+        [*BUILDFUZZ, "builders", "list"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "BUILDFUZZ_HOME": str(home)},
+    )  # fmt: skip
+    row = next(line for line in completed.stdout.splitlines() if " gone " in line)
+
+    assert "cannot reach the Docker daemon" in row
+    assert "not downloaded" not in row

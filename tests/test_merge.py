@@ -478,3 +478,26 @@ def test_foreign_output_is_rejected(shard_a: Path, tmp_path: Path) -> None:
     assert outcome.exit_code == 2
     assert "not empty and not a buildfuzz results directory" in outcome.stderr
     assert tree(out) == {"notes.txt": (b"mine\n", (out / "notes.txt").stat().st_mode)}
+
+
+def test_finding_page_keeps_a_heredoc_in_one_table_row() -> None:
+    case = Case(dockerfile=("FROM scratch", "COPY <<EOF /a\nx | y\nEOF"))
+
+    page = readme(RECORD, case, "results")
+    row = next(line for line in page.splitlines() if line.startswith("| Dockerfile"))
+
+    assert "COPY <<EOF /a\\nx \\| y\\nEOF" in row
+    assert row.endswith("|")
+
+
+def test_results_show_reads_the_group_results_option(shard_a: Path) -> None:
+    before = CliRunner().invoke(
+        app, ["results", "show", SHARED, "--results", str(shard_a)]
+    )
+    group = CliRunner().invoke(
+        app, ["results", "--results", str(shard_a), "show", SHARED]
+    )
+
+    assert before.exit_code == 0, before.output
+    assert group.exit_code == 0, group.output
+    assert group.stdout == before.stdout

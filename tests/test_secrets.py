@@ -155,3 +155,18 @@ def test_profile_with_a_secret_argument_named_path_is_refused(tmp_path: Path) ->
     assert completed.returncode == 2
     assert "'HOME'" in completed.stderr and "rename" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_secret_argument_whose_variable_is_unset_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "unset.toml"
+    profile.write_text('[build]\nbuild_args = [["TOKEN", "env:BF_SURELY_UNSET"]]\n')
+    results = tmp_path / "results"
+
+    completed = buildfuzz(
+        "run", "--budget", "10s", "--profile", str(profile),
+        "--results", str(results), cwd=tmp_path,
+    )  # fmt: skip
+
+    assert completed.returncode == 2
+    assert "variable BF_SURELY_UNSET, which is not set" in completed.stderr
+    assert not results.exists()
