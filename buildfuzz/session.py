@@ -192,6 +192,8 @@ class Session:
             self.pool.forget_engine(engine.label)
             engine.stop()
             self._start(engine)
+        elif result.timed_out:
+            self._reset(engine)
 
         builder = self.definitions.builders[case.builder]
         evaluation = judge(
@@ -207,6 +209,21 @@ class Session:
         if self.on_case is not None:
             self.on_case(record)
         return record
+
+    def _reset(self, engine: SandboxEngine | ExternalEngine) -> None:
+        """Reset the builders after a build that hung, before the next case.
+
+        A hung build may go on inside the daemon or BuildKit after its
+        client is killed, so a sandbox engine is restarted and every buildx
+        builder on the engine is made again on next use. An existing daemon
+        keeps running; only its builders are made again.
+        """
+        log.warning("build timed out; resetting its engine", engine=engine.label)
+        self.pool.forget_engine(engine.label)
+        if isinstance(engine, ExternalEngine):
+            return
+        engine.stop()
+        self._start(engine)
 
     def _rebuild(self, case: Case, inspect: Inspector) -> BuildResult:
         """Build ``case`` without judging it: an oracle's second build."""

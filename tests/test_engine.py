@@ -16,6 +16,7 @@ from buildfuzz.engine import EngineOptions, SandboxEngine
 from buildfuzz.install import busybox_binary, engine_tree_name
 from buildfuzz.packages import tree_path
 from buildfuzz.session import Session
+from buildfuzz.signature import Phase
 from buildfuzz.strategies import BUSYBOX_IMAGE
 from tests.conftest import client_tools, start_engine
 
@@ -312,3 +313,35 @@ def test_repro_sets_up_container_builder(run_dir: Path) -> None:
     )
     assert "buildfuzz repro: REPRODUCED" in completed.stdout
     assert not any(name.startswith("buildfuzz-repro") for name in builders)
+
+
+def test_session_resets_the_engine_after_a_hang(run_dir: Path) -> None:
+    definitions = load_definitions()
+    session = Session(
+        definitions, client_tools(run_dir), run_dir, rules=(), build_timeout=5
+    )
+    hang = Case(
+        files=(ContextFile("pipe", kind=FileKind.FIFO),),
+        dockerfile=("FROM scratch", "COPY pipe /ctx/"),
+        builder="classic",
+    )
+    plain = Case(
+        files=(ContextFile("a"),),
+        dockerfile=("FROM scratch", "COPY a /ctx/"),
+        builder="classic",
+    )
+    try:
+        first = session.execute(plain)
+        pid_file = session.engine(hang).directory / "dockerd.pid"
+        daemon = pid_file.read_text()
+        hung = session.execute(hang)
+        after = pid_file.read_text()
+        next_case = session.execute(plain)
+    finally:
+        session.close()
+
+    assert first.result.succeeded
+    assert hung.result.timed_out
+    assert hung.evaluation.signature.phase is Phase.HANG  # type: ignore[union-attr]
+    assert after != daemon  # a new daemon process
+    assert next_case.result.succeeded
