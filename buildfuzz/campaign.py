@@ -38,7 +38,7 @@ from buildfuzz.install import (
 from buildfuzz.profile import Profile, load_profile
 from buildfuzz.replay import ReplayReport, Status
 from buildfuzz.results import ResultsStore, write_atomic
-from buildfuzz.rules import Rule, load_rules
+from buildfuzz.rules import Rule, check_rule_names, load_rules
 from buildfuzz.runlog import RunLog
 from buildfuzz.strategies import Target
 from buildfuzz.workdir import DEFAULT_BASE, create_run_dir, remove_tree
@@ -193,6 +193,14 @@ def prepare(options: RunOptions) -> Prepared:
                 f"profile {profile.name}: unknown engine {engine!r}; "
                 f"defined engines: {known}"
             )
+    drivers = {d for e in definitions.engines.values() for d in e.storage_drivers}
+    for driver in profile.engine.storage_drivers:
+        if driver and driver not in drivers:
+            raise UsageError(
+                f"profile {profile.name}: unknown storage driver {driver!r}; "
+                f'use "" (each engine\'s own) or one of {", ".join(sorted(drivers))}'
+            )
+    check_rule_names(rules, definitions)
     for engine in profile.engines:
         if definitions.engines[engine].source == "external":
             # Before anything is written: an unreachable daemon ends the run.

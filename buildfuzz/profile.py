@@ -240,8 +240,10 @@ def _convert(label: str, key: str, raw: Any) -> Any:
         if any(value < 0 or 0 < value < 64 for value in values):
             raise ValueError(f"{label}: use 0 (no limit) or at least 64 MiB")
         return values
-    if key in ("sizes", "modes", "dir_modes", "owners", "mtimes_ns"):
+    if key == "mtimes_ns":
         return tuple(_integer(value, label) for value in raw)
+    if key == "platforms":
+        return tuple(_platform(value, label) for value in raw)
     if key in RANGES:
         return tuple(_bounded(value, label, *RANGES[key]) for value in raw)
     if key == "path_lengths":
@@ -274,12 +276,33 @@ def _convert(label: str, key: str, raw: Any) -> Any:
 
 # Inclusive bounds of integer pools. Values beyond them only make builds slow.
 RANGES = {
+    "sizes": (0, 1 << 40),
+    "modes": (0, 0o7777),
+    "dir_modes": (0, 0o7777),
+    "owners": (0, 2**32 - 2),  # 2^32-1 is "no id" to the kernel
     "sparse_sizes": (0, 1 << 40),
     "bulk_files": (0, 100_000),
     "bulk_depths": (0, 8),
     "stages": (1, 8),
     "layers": (0, 1000),
 }
+
+
+# Platforms of Docker images for Linux, as docker build --platform names them.
+PLATFORMS = (
+    "linux/amd64", "linux/386", "linux/arm64", "linux/arm/v5", "linux/arm/v6",
+    "linux/arm/v7", "linux/riscv64", "linux/s390x", "linux/ppc64le",
+    "linux/mips64le", "linux/loong64",
+)  # fmt: skip
+
+
+def _platform(value: Any, label: str) -> str:
+    if value != "" and value not in PLATFORMS:
+        raise ValueError(
+            f'{label}: unknown platform {value!r}; use "" (the engine\'s own) or '
+            f"one of {', '.join(PLATFORMS)}"
+        )
+    return str(value)
 
 
 def _bounded(value: Any, label: str, low: int, high: int) -> int:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from buildfuzz.case import Case
-from buildfuzz.errors import DataFileError
+from buildfuzz.definitions import Definitions
+from buildfuzz.errors import DataFileError, UsageError
 from buildfuzz.paths import strategies_dir
 
 
@@ -114,6 +115,21 @@ def _rule(entry: dict[str, Any]) -> Rule:
         options=optional("options"),
         always=always,
     )
+
+
+def check_rule_names(rules: tuple[Rule, ...], definitions: Definitions) -> None:
+    """Raise UsageError for a rule that names an undefined builder or engine."""
+    for rule in rules:
+        for kind, names, known in (
+            ("builder", rule.builders, definitions.builders),
+            ("engine", rule.engines, definitions.engines),
+        ):
+            unknown = [name for name in names if name not in known]
+            if unknown:
+                raise UsageError(
+                    f"rule {rule.id!r} names {kind} {unknown[0]!r}, which is not "
+                    f"defined; defined: {', '.join(sorted(known))}"
+                )
 
 
 def context_listing(case: Case) -> str:

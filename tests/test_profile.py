@@ -1,6 +1,8 @@
 """Tests of loading profiles, builder definitions and expected-failure rules."""
 
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from buildfuzz.rules import (
 )
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.verdict import Evaluation, Oracle, Verdict, judge
+from tests.conftest import BUILDFUZZ, REPO
 
 # Profiles
 
@@ -523,3 +526,52 @@ def test_shipped_profiles_load(name: str) -> None:
 
     assert profile.description
     assert name in available_profiles()
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[context]\nowners = [-1]\n", "context.owners: -1 is out of range"),
+        ("[context]\nmodes = [0o77777]\n", "context.modes: 32767 is out of range"),
+        (
+            '[build]\nplatforms = ["linux/sparc99"]\n',
+            "unknown platform 'linux/sparc99'",
+        ),
+    ],
+)
+def test_out_of_range_axis_values_are_rejected(
+    tmp_path: Path, text: str, words: str
+) -> None:
+    with pytest.raises(DataFileError, match=re.escape(words)):
+        load_profile(str(write_profile(tmp_path, text)))
+
+
+@pytest.mark.parametrize(
+    ("profile", "rules", "words"),
+    [
+        ('[engine]\nstorage_drivers = ["zfs"]\n', "", "unknown storage driver 'zfs'"),
+        (
+            'rules = "RULES"\n',
+            '[[rule]]\nid = "r"\nreason = "x"\nmessage = "m"\nbuilders = ["clasic"]\n',
+            "rule 'r' names builder 'clasic', which is not defined",
+        ),
+    ],
+)
+def test_unknown_names_in_profile_or_rules_end_the_run(
+    tmp_path: Path, profile: str, rules: str, words: str
+) -> None:
+    rules_file = tmp_path / "rules.toml"
+    rules_file.write_text(rules)
+    path = tmp_path / "bad.toml"
+    path.write_text(profile.replace("RULES", str(rules_file)))
+    results = tmp_path / "results"
+
+    completed = subprocess.run(
+        [*BUILDFUZZ, "run", "--budget", "10s", "--profile", str(path),
+         "--results", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+    assert completed.returncode == 2
+    assert words in completed.stderr
+    assert not results.exists()
