@@ -575,3 +575,21 @@ def test_unknown_names_in_profile_or_rules_end_the_run(
     assert completed.returncode == 2
     assert words in completed.stderr
     assert not results.exists()
+
+
+def test_unreadable_context_rule_explains_permission_denied() -> None:
+    case = Case(
+        files=(ContextFile("d", FileKind.DIR, mode=0o300),),
+        dockerfile=(
+            "FROM localhost/buildfuzz/busybox:1",
+            "USER 1000:1000",
+            "RUN --mount=type=bind,target=/mnt/context ls -lanR /mnt/context"
+            " > /tmp/context.txt",
+        ),
+    )
+    log = "#6 0.060 ls: can't open '/mnt/context/d': Permission denied\n"
+
+    rule = matching_rule(load_rules("expected"), case, log)
+
+    assert rule is not None
+    assert rule.id == "run-as-user-lists-unreadable-context"
