@@ -174,7 +174,9 @@ class SandboxEngine:
             # dockerd starts are counted against the limit too.
             script = 'echo $$ > "$0" && exec "$@"'
             command = ["/bin/sh", "-c", script, str(self._cgroup.procs_file), *command]
-        log_file = self.log_path.open("wb")
+        # Append mode: every write lands at the end, so a line that someone
+        # else appends (a restart's notes, a test) is never overwritten.
+        log_file = self.log_path.open("ab")
         started = time.monotonic()
         self._process = subprocess.Popen(
             command,
