@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -36,9 +35,14 @@ def create_run_dir(base: Path = DEFAULT_BASE) -> Path:
         ) from None
     reap_dead_runs(base)
 
-    run_dir = base / f"run-{os.getpid()}-{int(time.time())}"
-    run_dir.mkdir()
-    (run_dir / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    # Made under another name and renamed once it names its owner, so that
+    # another process reaping dead runs never sees it without its owner file.
+    name = f"run-{os.getpid()}-{os.urandom(4).hex()}"
+    staging = base / f".{name}"
+    staging.mkdir()
+    (staging / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    run_dir = base / name
+    staging.rename(run_dir)
 
     return run_dir
 

@@ -1,6 +1,8 @@
 """Tests of duration and size parsing, and of the disk guard."""
 
+import multiprocessing
 import shutil
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -127,3 +129,21 @@ def test_disk_guard_skips_a_case_that_could_fill_the_disk(tmp_path) -> None:
         guarded(huge)
 
     assert built == [small]
+
+
+def _make_run_dir(base: str) -> bool:
+    from pathlib import Path
+
+    from buildfuzz.workdir import create_run_dir
+
+    run_dir = create_run_dir(Path(base))
+    time.sleep(0.5)  # while the others reap dead runs
+    return run_dir.is_dir()
+
+
+def test_concurrent_runs_keep_each_others_directories(tmp_path) -> None:
+    """Each new run reaps dead runs; none may take another's new directory."""
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        kept = pool.map(_make_run_dir, [str(tmp_path)] * 32)
+
+    assert all(kept)
