@@ -77,8 +77,8 @@ class CaseRunner:
         self.docker_for = docker_for or (lambda _: docker)
         # BuildKit takes a context file from an earlier build on the same
         # builder when its path, size, mtime and mode match, whatever its
-        # content; forgetting the contexts after each case keeps cases
-        # independent where content matters (the tree oracle).
+        # content. Pruning its copies after each case keeps cases independent
+        # where content matters (the tree oracle).
         self.forget_contexts = forget_contexts
         self._counter = 0
 
@@ -248,8 +248,8 @@ def buildx_arguments(case: Case, builder: str | None, case_dir: Path) -> list[st
     output = buildx_output(case, case_dir)
     if output:
         arguments += ["--output", ",".join(f"{k}={v}" for k, v in output.items())]
-    # The sandbox daemons have no bridge network; BuildKit RUN steps fail
-    # with "network bridge not found" unless told otherwise.
+    # The sandbox daemons have no bridge network, so BuildKit RUN steps fail
+    # with "network bridge not found" without --network none.
     arguments += ["--network", "none"]
     return arguments
 

@@ -169,7 +169,7 @@ def prepare(options: RunOptions) -> Prepared:
     ResultsStore.check(options.results)
     if options.disposable_engine and not options.engine_host:
         raise UsageError(
-            "--disposable-engine says the --engine-host daemon is a throw-away "
+            "--disposable-engine marks the --engine-host daemon as a throw-away "
             "one; give --engine-host or --engine-context too"
         )
     if options.engine_host:
@@ -250,7 +250,7 @@ def _reads_engine_store(builder: BuilderDefinition) -> bool:
 
 
 def _reaches_loopback(engine: EngineDefinition) -> bool:
-    """Whether the engine can pull from a registry on this machine's 127.0.0.1.
+    """Return whether the engine can pull from this machine's 127.0.0.1.
 
     A dind engine's container has no network, and an existing daemon
     reached over TCP (a CI job's dind service) has a loopback of its own.

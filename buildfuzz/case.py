@@ -50,7 +50,7 @@ class Output(StrEnum):
 # cache metadata into the image; "local" exports to a directory beside the
 # context and imports from it.
 CACHE_MODES = ("", "inline", "local")
-# Attestations (--provenance); the classic builder knows none of them.
+# Attestations (--provenance). The classic builder rejects the flag.
 ATTESTATIONS = ("", "provenance-min", "provenance-max")
 
 

@@ -40,6 +40,7 @@ from buildfuzz.engine import (
     EngineOptions,
     SandboxEngine,
     read_engine_info,
+    responds,
 )
 from buildfuzz.errors import EngineError, SetupError
 from buildfuzz.external import ExternalEngine
@@ -379,13 +380,7 @@ class DindEngine(SandboxEngine):
         state = self._container_state()
         if state is None or not state.get("Running"):
             return False
-        client = self.api_client()
-        try:
-            return bool(client.ping())
-        except docker.errors.DockerException:
-            return False
-        finally:
-            client.close()
+        return responds(self.host)
 
     def log_tail(self, lines: int = 5) -> str:
         tail = super().log_tail(lines)

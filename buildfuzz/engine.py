@@ -82,6 +82,11 @@ def read_engine_info(host: str) -> EngineInfo:
         info: dict[str, Any] = client.info()
     finally:
         client.close()
+    return engine_info(version, info)
+
+
+def engine_info(version: dict[str, Any], info: dict[str, Any]) -> EngineInfo:
+    """Return the EngineInfo of a daemon's /version and /info replies."""
     containerd = next(
         (c.get("Version", "") for c in version.get("Components", [])
          if c.get("Name") == "containerd"),
@@ -95,6 +100,20 @@ def read_engine_info(host: str) -> EngineInfo:
         kernel=str(info.get("KernelVersion", "")),
         operating_system=str(info.get("OperatingSystem", "")),
     )
+
+
+def responds(host: str, timeout: float = 30) -> bool:
+    """Return whether the daemon at ``host`` replies to a ping."""
+    try:
+        client = docker.DockerClient(base_url=host, timeout=timeout)
+    except docker.errors.DockerException:
+        return False
+    try:
+        return bool(client.ping())
+    except docker.errors.DockerException:
+        return False
+    finally:
+        client.close()
 
 
 class SandboxEngine:
@@ -288,13 +307,7 @@ class SandboxEngine:
         """Return whether the daemon process runs and answers a ping."""
         if self._process is None or self._process.poll() is not None:
             return False
-        client = self.api_client()
-        try:
-            return bool(client.ping())
-        except docker.errors.DockerException:
-            return False
-        finally:
-            client.close()
+        return responds(self.host)
 
     def log_tail(self, lines: int = 5) -> str:
         return log_tail(self.log_path, lines, "(no daemon log)")

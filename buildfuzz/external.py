@@ -17,7 +17,7 @@ from python_on_whales import DockerClient, DockerException
 from requests.exceptions import RequestException
 
 from buildfuzz.definitions import EngineDefinition
-from buildfuzz.engine import EngineInfo, EngineOptions
+from buildfuzz.engine import EngineInfo, EngineOptions, engine_info, responds
 from buildfuzz.errors import EngineError
 
 log = structlog.get_logger(__name__)
@@ -85,34 +85,12 @@ class ExternalEngine:
 
     def start(self) -> EngineInfo:
         self.directory.mkdir(parents=True, exist_ok=True)
-        version, info = daemon_facts(self.definition)
-        containerd = next(
-            (c.get("Version", "") for c in version.get("Components", [])
-             if c.get("Name") == "containerd"),
-            "",
-        )  # fmt: skip
-        self.info = EngineInfo(
-            version=str(version.get("Version", "")),
-            api_version=str(version.get("ApiVersion", "")),
-            storage_driver=str(info.get("Driver", "")),
-            containerd_version=str(containerd),
-            kernel=str(info.get("KernelVersion", "")),
-            operating_system=str(info.get("OperatingSystem", "")),
-        )
+        self.info = engine_info(*daemon_facts(self.definition))
         log.info("using existing engine", engine=self.label, host=self.host)
         return self.info
 
     def is_healthy(self) -> bool:
-        try:
-            client = docker.DockerClient(base_url=self.host, timeout=10)
-        except docker.errors.DockerException:
-            return False
-        try:
-            return bool(client.ping())
-        except docker.errors.DockerException:
-            return False
-        finally:
-            client.close()
+        return responds(self.host, timeout=10)
 
     def log_tail(self, lines: int = 5) -> str:
         return "(the daemon's log belongs to its owner)"

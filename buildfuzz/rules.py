@@ -150,18 +150,18 @@ def matching_rule(rules: tuple[Rule, ...], case: Case, log: str) -> Rule | None:
     return next((rule for rule in rules if rule.explains(case, log)), None)
 
 
-# Cases that an `always` rule says fail are built only one time in this
-# many (chosen by case id), enough to notice a rule that stopped holding.
+# Of the cases that an `always` rule expects to fail, one in this many
+# (chosen by case id) is built: enough to notice a rule that no longer holds.
 RULE_CHECK_EVERY = 8
 
 
 def worth_building(rules: tuple[Rule, ...], case: Case) -> bool:
-    """Return False for most cases that an ``always`` rule says cannot build."""
+    """Return False for most cases that an ``always`` rule expects to fail."""
     if certain_rule(rules, case) is None:
         return True
     return int(case.id[:8], 16) % RULE_CHECK_EVERY == 0
 
 
 def certain_rule(rules: tuple[Rule, ...], case: Case) -> Rule | None:
-    """Return a rule that says ``case`` must fail, if one does."""
+    """Return an ``always`` rule that applies to ``case``, or None."""
     return next((rule for rule in rules if rule.always and rule.applies_to(case)), None)

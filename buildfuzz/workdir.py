@@ -35,8 +35,8 @@ def create_run_dir(base: Path = DEFAULT_BASE) -> Path:
         ) from None
     reap_dead_runs(base)
 
-    # Made under another name and renamed once it names its owner, so that
-    # another process reaping dead runs never sees it without its owner file.
+    # Made under a staging name and renamed once its owner file exists, so a
+    # process reaping dead runs never finds it without that file.
     name = f"run-{os.getpid()}-{os.urandom(4).hex()}"
     staging = base / f".{name}"
     staging.mkdir()

@@ -163,7 +163,7 @@ def test_unusable_bases_by_engine_and_store() -> None:
     )
 
 
-def test_engines_that_cannot_reach_the_registry_get_no_base() -> None:
+def test_unreachable_registry_gives_no_bases() -> None:
     from buildfuzz.campaign import _reaches_loopback
 
     definitions = load_definitions()

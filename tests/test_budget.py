@@ -112,7 +112,7 @@ def test_parse_size_rejects(text: str) -> None:
         parse_size(text, option="--min-free")
 
 
-def test_disk_guard_skips_a_case_that_could_fill_the_disk(tmp_path) -> None:
+def test_disk_guard_skips_huge_case(tmp_path) -> None:
     from buildfuzz.case import Case, ContextFile, FileKind
     from buildfuzz.session import EngineUnavailable
     from buildfuzz.worker import _disk_guard
@@ -144,6 +144,6 @@ def _make_run_dir(base: str) -> bool:
 def test_concurrent_runs_keep_each_others_directories(tmp_path) -> None:
     """Each new run reaps dead runs; none may take another's new directory."""
     with multiprocessing.get_context("fork").Pool(8) as pool:
-        kept = pool.map(_make_run_dir, [str(tmp_path)] * 32)
+        still_there = pool.map(_make_run_dir, [str(tmp_path)] * 32)
 
-    assert all(kept)
+    assert all(still_there)

@@ -480,7 +480,7 @@ def test_foreign_output_is_rejected(shard_a: Path, tmp_path: Path) -> None:
     assert tree(out) == {"notes.txt": (b"mine\n", (out / "notes.txt").stat().st_mode)}
 
 
-def test_finding_page_keeps_a_heredoc_in_one_table_row() -> None:
+def test_finding_page_heredoc_one_row() -> None:
     case = Case(dockerfile=("FROM scratch", "COPY <<EOF /a\nx | y\nEOF"))
 
     page = readme(RECORD, case, "results")

@@ -291,8 +291,10 @@ def test_model_reads_the_ignore_file_each_builder_reads() -> None:
     buildkit = expected_tree(case).nodes
     classic = expected_tree(case, ModelOptions(classic=True)).nodes
 
-    assert "/ctx/a" in buildkit and "/ctx/b.txt" not in buildkit
-    assert "/ctx/a" not in classic and "/ctx/b.txt" in classic
+    assert "/ctx/a" in buildkit
+    assert "/ctx/b.txt" not in buildkit
+    assert "/ctx/a" not in classic
+    assert "/ctx/b.txt" in classic
     assert "/ctx/Dockerfile.dockerignore" in buildkit
 
 
@@ -553,7 +555,7 @@ def test_tree_oracle_cases_share_no_context(session: Session, builder: str) -> N
         )
 
     # Same path, size, mtime and mode, other content: unless the runner
-    # forgets each case's context, BuildKit sends the first content again.
+    # prunes each case's context, BuildKit sends the first content again.
     records = [session.execute(case(seed)) for seed in (2, 3, 4)]
 
     assert [r.evaluation.verdict for r in records] == [Verdict.PASS] * 3, [

@@ -146,14 +146,15 @@ def test_secret_argument_names_the_client_needs_are_refused(
     secrets.check_argument(name, "plain value")  # only secrets are passed so
 
 
-def test_profile_with_a_secret_argument_named_path_is_refused(tmp_path: Path) -> None:
+def test_secret_argument_named_home_rejected(tmp_path: Path) -> None:
     profile = tmp_path / "bad.toml"
     profile.write_text('[build]\nbuild_args = [["HOME", "env:MY_TOKEN"]]\n')
 
     completed = buildfuzz("strategies", "--profile", str(profile), cwd=tmp_path)
 
     assert completed.returncode == 2
-    assert "'HOME'" in completed.stderr and "rename" in completed.stderr
+    assert "'HOME'" in completed.stderr
+    assert "rename" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 
