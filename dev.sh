@@ -25,9 +25,11 @@ fi
 # e2fsprogs for the small data-root file systems of engine limits, and
 # mmdebstrap for the root file systems of dind engine images. The test
 # suite also opens the HTML report in Chromium.
+# qemu-user-static and binfmt-support run the RUN steps of builds for
+# foreign platforms (linux/arm64 and others) under emulation.
 debian_packages=(apt dpkg debian-archive-keyring python3 python3-venv
   libseccomp2 libsystemd0 libcap2 util-linux coreutils e2fsprogs attr
-  mmdebstrap)
+  mmdebstrap qemu-user-static binfmt-support)
 if [ "${1:-}" = test ]; then
   debian_packages+=(chromium)
 fi
@@ -47,6 +49,26 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
   python=$(command -v python3)
+fi
+
+# Register the qemu handlers of qemu-user-static, so that RUN steps of builds
+# for foreign platforms run under emulation. Debian marks them fix_binary
+# (flag F): the kernel opens the emulator when the handler is registered, so
+# it also runs inside containers and other mount namespaces. Where
+# binfmt_misc cannot be mounted, such as in an unprivileged container,
+# buildfuzz generates RUN steps for this machine's platform only.
+binfmt=/proc/sys/fs/binfmt_misc
+if [ ! -e "$binfmt/register" ] && ! mount -t binfmt_misc binfmt_misc "$binfmt"; then
+  echo "dev.sh: cannot mount binfmt_misc at $binfmt," \
+    "so RUN steps build for this machine's platform only" >&2
+fi
+if [ -e "$binfmt/register" ]; then
+  for handler in /usr/share/binfmts/qemu-*; do
+    name=${handler##*/}
+    if [ ! -e "$binfmt/$name" ] && ! update-binfmts --enable "$name"; then
+      echo "dev.sh: update-binfmts failed to enable $name" >&2
+    fi
+  done
 fi
 
 # The virtual environment, reinstalled when pyproject.toml changes.

@@ -91,8 +91,8 @@ class BaseFormat:
         """Return the ``--platform`` values a case FROM this image may build for.
 
         "" is the engine's own platform. A foreign platform works only for
-        multi-platform bases, and ``strategies.case_platforms`` allows it only
-        without RUN steps.
+        multi-platform bases, and ``strategies.case_platforms`` allows it with
+        RUN steps only where a qemu handler for it is enabled.
         """
         return ("", *self.platforms)
 

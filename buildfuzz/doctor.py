@@ -7,6 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from buildfuzz import emulation
 from buildfuzz.definitions import Definitions
 from buildfuzz.external import daemon_status
 from buildfuzz.install import (
@@ -21,7 +22,6 @@ from buildfuzz.profile import Profile
 from buildfuzz.workdir import DEFAULT_BASE
 
 MIN_FREE_GIB = 5.0
-BINFMT = Path("/proc/sys/fs/binfmt_misc")
 
 
 @dataclass(frozen=True)
@@ -178,12 +178,29 @@ def _disk_check(path: Path, name: str) -> Check:
 
 
 def _binfmt_check() -> Check:
-    handlers = sorted(p.name for p in BINFMT.glob("qemu-*")) if BINFMT.exists() else []
+    """Check for the qemu handlers that run RUN steps for foreign platforms."""
+    directory = emulation.BINFMT_DIR
+    handlers = emulation.qemu_handlers()
+    native = set(emulation.native_platforms())
+    emulated = sorted(emulation.runnable_platforms() - native)
+    if emulated:
+        detail = f"RUN steps run under qemu for {', '.join(emulated)}"
+    elif handlers:
+        names = ", ".join(handler.name for handler in handlers)
+        detail = f"registered, but disabled or without flag F: {names}"
+    elif not (directory / "register").exists():
+        detail = f"binfmt_misc is not mounted at {directory}"
+    elif (directory / "status").read_text().strip() != "enabled":
+        detail = f"binfmt_misc is disabled: {directory}/status"
+    else:
+        detail = f"no qemu handler registered in {directory}"
     return Check(
         "qemu binfmt handlers",
-        bool(handlers),
-        ", ".join(handlers) or "none registered",
-        "apt-get install qemu-user-static binfmt-support, for RUN on other platforms",
+        bool(emulated),
+        detail,
+        f"run ./dev.sh, or mount binfmt_misc at {directory}, apt-get install "
+        "qemu-user-static binfmt-support and run update-binfmts --enable; "
+        "without them RUN steps build only for this machine's platforms",
         required=False,
     )
 

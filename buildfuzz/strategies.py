@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from buildfuzz.base_formats import formats_in, unusable_bases
 from buildfuzz.case import Case, Output
+from buildfuzz.emulation import runnable_platforms
 from buildfuzz.profile import Profile
 from buildfuzz.strategies_context import (
     RESERVED_NAMES,
@@ -27,7 +28,6 @@ from buildfuzz.strategies_dockerfile import (
     FIRST_STAGE,
     SHELL_INSTRUCTIONS,
     dockerfiles,
-    instruction_kinds,
     render_instruction,
 )
 
@@ -137,23 +137,30 @@ def _case_strategy(
 
 
 def case_platforms(
-    platforms: tuple[str, ...], dockerfile: tuple[str, ...]
+    platforms: tuple[str, ...],
+    dockerfile: tuple[str, ...],
+    runnable: frozenset[str] | None = None,
 ) -> tuple[str, ...]:
     """Return the platforms of ``platforms`` that every base of ``dockerfile`` has.
 
     The local busybox base exists for the machine's platform only; any other
     platform would make the engine look for it in a registry. A registry base
-    has the platforms of its format, and a foreign one only without RUN
-    steps, because no emulator for foreign binaries is set up.
+    has the platforms of its format. RUN steps run the base's binaries, so
+    with them a foreign platform must also be in ``runnable``: the platforms
+    this machine runs natively or with a qemu handler (read from
+    ``emulation.BINFMT_DIR`` when None).
     """
     allowed = set(platforms)
     if any(BUSYBOX_IMAGE in line for line in dockerfile):
         allowed &= set(NATIVE_PLATFORMS)
-    bases = formats_in(dockerfile)
-    runs = any(kind in SHELL_INSTRUCTIONS for kind in instruction_kinds(dockerfile))
-    for base in bases:
-        options = set(base.platform_options())
-        allowed &= set(NATIVE_PLATFORMS) if runs else options
+    for base in formats_in(dockerfile):
+        allowed &= set(base.platform_options())
+    if any(element.startswith("RUN ") for element in dockerfile):
+        # NOTE: these are the handlers of this machine, where sandbox engines
+        # run. An --engine-host daemon on another machine may have others.
+        if runnable is None:
+            runnable = runnable_platforms()
+        allowed &= set(NATIVE_PLATFORMS) | runnable
     return tuple(p for p in platforms if p in allowed) or ("",)
 
 
