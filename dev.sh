@@ -27,9 +27,12 @@ fi
 # suite also opens the HTML report in Chromium.
 # qemu-user-static and binfmt-support run the RUN steps of builds for
 # foreign platforms (linux/arm64 and others) under emulation.
+# Rootless engines need uidmap (the setuid newuidmap and newgidmap), acl
+# (setfacl opens /dev/net/tun to their user) and iproute2 (RootlessKit
+# sets up their network with ip).
 debian_packages=(apt dpkg debian-archive-keyring python3 python3-venv
   libseccomp2 libsystemd0 libcap2 util-linux coreutils e2fsprogs attr
-  mmdebstrap qemu-user-static binfmt-support)
+  mmdebstrap qemu-user-static binfmt-support uidmap acl iproute2 passwd)
 if [ "${1:-}" = test ]; then
   debian_packages+=(chromium)
 fi
@@ -81,6 +84,23 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
+
+# The user that runs rootless engines, with 65536 subordinate user and
+# group ids for their user namespaces (the range rootless Docker asks for).
+# A system user has no ids of its own in /etc/subuid, so they are added.
+if ! id -u buildfuzz >/dev/null 2>&1; then
+  echo "dev.sh: creating user buildfuzz for rootless engines" >&2
+  useradd --system --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin buildfuzz
+fi
+for file in /etc/subuid /etc/subgid; do
+  if ! grep -q '^buildfuzz:' "$file" 2>/dev/null; then
+    # After every range already given out, so none overlaps.
+    start=$(awk -F: '{ end = $2 + $3; if (end > max) max = end }
+      END { print (max > 1000000 ? max : 1000000) }' "$file" 2>/dev/null || echo 1000000)
+    echo "buildfuzz:$start:65536" >> "$file"
+  fi
+done
 
 # Engines, docker CLI, buildx and the busybox base, into the cache.
 .venv/bin/buildfuzz setup --quiet >&2

@@ -252,10 +252,11 @@ def _reads_engine_store(builder: BuilderDefinition) -> bool:
 def _reaches_loopback(engine: EngineDefinition) -> bool:
     """Return whether the engine can pull from this machine's 127.0.0.1.
 
-    A dind engine's container has no network, and an existing daemon
+    A dind engine's container has no network, a rootless engine has a
+    network namespace of its own, and an existing daemon
     reached over TCP (a CI job's dind service) has a loopback of its own.
     """
-    if engine.source == "dind":
+    if engine.source == "dind" or engine.rootless:
         return False
     return engine.sandboxed or engine.host.startswith("unix://")
 
@@ -268,15 +269,22 @@ def _fits_engine(definitions: Definitions, engine: str, builder: str) -> bool:
     cache and images, which belong to its owner; builders of the other
     drivers keep their state apart.
     The docker-container driver stays off engines that cannot start its
-    privileged container on this machine (see buildfuzz.capabilities) and
-    off dind engines, whose containers have no network.
+    privileged container on this machine (see buildfuzz.capabilities), off
+    dind engines, whose containers have no network, and off rootless
+    engines, whose network namespace has a loopback of its own.
     """
     driver = definitions.builders[builder]
     if driver.driver == "docker-container":
+        problem: str | None = None
         if definitions.engines[engine].source == "dind":
-            problem: str | None = (
+            problem = (
                 "a dind engine has no network, so a builder container on it "
                 "cannot reach the loopback registry"
+            )
+        elif definitions.engines[engine].rootless:
+            problem = (
+                "a rootless engine's network namespace has its own 127.0.0.1, "
+                "so a builder container on it cannot reach the loopback registry"
             )
         else:
             problem = privileged_problem(definitions.engines[engine])

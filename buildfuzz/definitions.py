@@ -54,6 +54,9 @@ class EngineDefinition:
     # external: a throw-away daemon (a CI job's dind service) whose images
     # and build cache buildfuzz may fill, so every builder runs on it.
     disposable: bool = False
+    # Run by the unprivileged user buildfuzz under RootlessKit, as rootless
+    # Docker; for engines buildfuzz starts from packages or binaries.
+    rootless: bool = False
 
     @property
     def sandboxed(self) -> bool:
@@ -195,7 +198,7 @@ def _packages(raw: Any) -> tuple[PackageSet, ...]:
 def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
     keys = {"description", "storage_driver", "packages", "features", "buildkit"}
     keys |= {"storage_drivers", "containerd_store", "source", "path", "host"}
-    keys |= {"privileged_caps", "context", "release", "disposable"}
+    keys |= {"privileged_caps", "context", "release", "disposable", "rootless"}
     unknown = sorted(set(raw) - keys)
     if unknown:
         raise ValueError(f"engine {name!r}: unknown key {unknown[0]!r}")
@@ -233,6 +236,14 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
             f"engine {name!r}: disposable must be true or false, and true only "
             "with source external"
         )
+    rootless = raw.get("rootless", False)
+    if not isinstance(rootless, bool) or (
+        rootless and source not in ("debian", "binaries")
+    ):
+        raise ValueError(
+            f"engine {name!r}: rootless must be true or false, and true only "
+            "with source debian or binaries"
+        )
     privileged_caps = str(raw.get("privileged_caps", "own"))
     if privileged_caps not in PRIVILEGED_CAPS:
         raise ValueError(
@@ -265,6 +276,7 @@ def _engine(name: str, raw: dict[str, Any]) -> EngineDefinition:
         context=str(raw.get("context", "")),
         release=str(raw.get("release", "")),
         disposable=disposable,
+        rootless=rootless,
     )
 
 

@@ -444,6 +444,15 @@ def sandbox_engine(
     run_dir: Path,
     options: EngineOptions | None = None,
 ) -> SandboxEngine:
-    """Return the engine buildfuzz starts for ``definition``: dind or a dockerd."""
-    kind = DindEngine if definition.source == "dind" else SandboxEngine
+    """Return the engine buildfuzz starts for ``definition``.
+
+    That is a dind engine, a rootless dockerd or a dockerd run by root.
+    """
+    from buildfuzz.rootless import RootlessEngine
+
+    kind: type[SandboxEngine] = SandboxEngine
+    if definition.source == "dind":
+        kind = DindEngine
+    elif definition.rootless:
+        kind = RootlessEngine
     return kind(definition, tree, run_dir, options)

@@ -136,6 +136,12 @@ def _engine_check(definitions: Definitions, name: str) -> Check:
     dockerd = tree_path(engine_tree_name(name)) / "usr/sbin/dockerd"
     version = version_of([str(dockerd), "--version"]) if dockerd.exists() else None
     missing = missing_trees(definitions, [name])
+    if version and not missing and definitions.engines[name].rootless:
+        from buildfuzz.rootless import rootless_problem
+
+        problem = rootless_problem()
+        if problem is not None:
+            return Check(f"engine {name}", False, problem, "see the reason")
     return Check(
         f"engine {name}",
         bool(version) and not missing,

@@ -185,7 +185,8 @@ class SandboxEngine:
                 self.directory / "root",
                 self.options.data_root_mib,
             )
-        command = [str(dockerd), *self._daemon_arguments()]
+        self._prepare_directory()
+        command = self._command(dockerd)
         if self.options.memory_mib:
             self._cgroup = MemoryCgroup(self.directory.name, self.options.memory_mib)
             self._cgroup.create()
@@ -219,6 +220,13 @@ class SandboxEngine:
         )
         return self.info
 
+    def _prepare_directory(self) -> None:
+        """Make the daemon's directory ready; rootless engines hand it over."""
+
+    def _command(self, dockerd: Path) -> list[str]:
+        """Return the command line that starts the daemon."""
+        return [str(dockerd), *self._daemon_arguments()]
+
     def _daemon_arguments(self) -> list[str]:
         driver = self.options.storage_driver or self.definition.storage_driver
         if self.options.containerd_store:
@@ -250,13 +258,14 @@ class SandboxEngine:
             "--userland-proxy=false",
         ]
 
-    def _environment(self) -> dict[str, str]:
-        bins = [self.tree / "usr" / "sbin", self.tree / "usr" / "bin", self.tree]
+    def _environment(self, tree: Path | None = None) -> dict[str, str]:
+        tree = tree or self.tree
+        bins = [tree / "usr" / "sbin", tree / "usr" / "bin", tree]
         path = ":".join([*map(str, bins), "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
         libraries = sorted(
             str(p)
             for pattern in ("lib/*-linux-gnu", "usr/lib/*-linux-gnu")
-            for p in self.tree.glob(pattern)
+            for p in tree.glob(pattern)
         )
         return {
             "PATH": path,

@@ -17,6 +17,7 @@ from buildfuzz.install import (
     missing_trees,
 )
 from buildfuzz.packages import tree_path
+from buildfuzz.rootless import rootless_problem
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ def engine_entries(definitions: Definitions) -> list[Entry]:
         printed = version_of([str(dockerd), "--version"]) if not missing else None
         runs = printed is not None
         reason = "" if runs else "not downloaded: run `buildfuzz setup`"
+        problem = rootless_problem() if runs and engine.rootless else None
+        if problem is not None:
+            runs, reason = False, problem
         # "Docker version 26.1.5+dfsg1, build 411e817"
         version = printed.split(" ")[2].rstrip(",") if printed else "?"
         entries.append(Entry("engine", engine.name, version, runs, reason))
@@ -95,6 +99,11 @@ def _option_entries(engine: EngineDefinition, engine_runs: bool) -> list[Entry]:
             )
         )
     problem = privileged_problem(engine) if engine_runs else "engine not usable"
+    if engine.rootless:
+        problem = (
+            "left out: builder containers on a rootless engine cannot reach "
+            "the loopback registry"
+        )
     entries.append(
         Entry(
             "engine option",

@@ -14,6 +14,7 @@ from buildfuzz import secrets
 from buildfuzz.case import Case, load_case
 from buildfuzz.client import ClientTools
 from buildfuzz.definitions import Definitions, load_definitions
+from buildfuzz.emulation import missing_emulation
 from buildfuzz.errors import (
     BuildfuzzError,
     DataFileError,
@@ -24,6 +25,7 @@ from buildfuzz.errors import (
 from buildfuzz.install import CLIENT_TREE, ensure_installed
 from buildfuzz.packages import tree_path
 from buildfuzz.results import ResultsStore
+from buildfuzz.rootless import rootless_problem
 from buildfuzz.rules import load_rules
 from buildfuzz.session import EngineUnavailable, Session
 from buildfuzz.signature import Phase, Signature
@@ -103,6 +105,14 @@ class Replayer:
                 f"does not define; defined builders: {', '.join(sorted(builders))}"
             )
         secrets.check_available(case.build_args, f"case {case.id}")
+        if engines[case.engine].rootless:
+            problem = rootless_problem()
+            if problem is not None:
+                raise UsageError(f"case {case.id} needs a rootless engine: {problem}")
+        runs = any(line.lstrip().upper().startswith("RUN ") for line in case.dockerfile)
+        problem = missing_emulation(case.platform) if runs else None
+        if problem is not None:
+            raise UsageError(f"case {case.id}: {problem}")
 
     def __enter__(self) -> "Replayer":
         ensure_installed(self.definitions, sorted(self.definitions.engines))

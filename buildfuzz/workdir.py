@@ -26,8 +26,13 @@ def create_run_dir(base: Path = DEFAULT_BASE) -> Path:
     """Create a private directory for this run, after removing dead runs' ones."""
     base = base.absolute()  # daemons run in other directories
     try:
-        base.mkdir(parents=True, exist_ok=True)
-        os.chmod(base, 0o700)
+        if not base.exists():
+            # Others may pass through it (rootless engines' user must) but
+            # not list it; each run directory is private.
+            base.mkdir(parents=True)
+            os.chmod(base, 0o711)
+        elif base == DEFAULT_BASE and base.stat().st_mode & 0o777 == 0o700:
+            os.chmod(base, 0o711)  # made private by an earlier version
     except OSError as error:
         raise SetupError(
             f"cannot create work directory {base}: {error.strerror}; "
@@ -39,7 +44,7 @@ def create_run_dir(base: Path = DEFAULT_BASE) -> Path:
     # process reaping dead runs never finds it without that file.
     name = f"run-{os.getpid()}-{os.urandom(4).hex()}"
     staging = base / f".{name}"
-    staging.mkdir()
+    staging.mkdir(mode=0o700)
     (staging / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
     run_dir = base / name
     staging.rename(run_dir)
