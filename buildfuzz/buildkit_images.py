@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -27,7 +26,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import structlog
 from python_on_whales import DockerClient
@@ -35,6 +33,7 @@ from python_on_whales import DockerClient
 from buildfuzz.certs import TlsFiles
 from buildfuzz.engine import CLOSED_PROXY, MAX_SOCKET_PATH
 from buildfuzz.errors import DataFileError, EngineError, SetupError
+from buildfuzz.go_build import compile_release, staged_directory, version_tuple
 from buildfuzz.install import BUSYBOX_TREE, engine_tree_name
 from buildfuzz.packages import tree_path
 from buildfuzz.paths import builders_dir, cache_root
@@ -50,11 +49,6 @@ BINARIES = ("buildkitd", "buildctl")
 # The build tags of BuildKit's own Dockerfile. With "seccomp", buildkitd runs
 # RUN steps under Docker's default seccomp profile.
 BUILD_TAGS = "osusergo netgo static_build seccomp"
-GO_FALLBACK = Path("/usr/local/go/bin/go")
-GO_TIMEOUT = 3600.0
-# The user's Go settings that buildfuzz keeps, because they choose where
-# modules come from.
-GO_NETWORK_VARIABLES = ("GOPROXY", "GOSUMDB", "GOPRIVATE", "GONOPROXY", "GONOSUMDB")
 MARKER = ".buildfuzz-complete"
 IMAGE_REPOSITORY = "buildfuzz/buildkit"
 # The engine whose runc (Debian bookworm's, linked to libseccomp) goes into
@@ -74,7 +68,7 @@ class BuildkitRelease:
 
     @property
     def sort_key(self) -> tuple[int, ...]:
-        return _version_tuple(self.version)
+        return version_tuple(self.version)
 
 
 def load_buildkit_releases(path: Path | None = None) -> dict[str, BuildkitRelease]:
@@ -132,14 +126,6 @@ def _release(version: str) -> BuildkitRelease:
     return releases[version]
 
 
-def _version_tuple(text: str) -> tuple[int, ...]:
-    """Turn ``v0.34.2``, ``1.26.8`` or ``go1.26rc1`` into comparable numbers."""
-    match = re.match(r"(?:go|v)?(\d+)(?:\.(\d+))?(?:\.(\d+))?", text.strip())
-    if not match:
-        return (0, 0, 0)
-    return tuple(int(part or 0) for part in match.groups())
-
-
 # Binaries -----------------------------------------------------------------
 
 
@@ -158,27 +144,19 @@ def ensure_buildkit_binaries(version: str) -> Path:
     if marker.is_file() and marker.read_text() == _fingerprint(release):
         return directory
 
-    go = go_toolchain()
     started = time.monotonic()
-    log.info("buildkit build started", version=version, go=str(go))
-    staging = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
-    remove_tree(staging)
-    staging.mkdir(parents=True)
-    try:
-        module = _download_module(go, release)
-        _check_go_version(go, release, Path(module["Dir"]) / "go.mod")
-        source = staging / "source"
-        shutil.copytree(module["Dir"], source, symlinks=True)
-        for path in (source, *source.rglob("*")):
-            if not path.is_symlink():
-                path.chmod(path.stat().st_mode | 0o200)
-        _compile(go, release, source, staging, module.get("Origin", {}).get("Hash"))
-        shutil.rmtree(source)
+    log.info("buildkit build started", version=version)
+    with staged_directory(directory) as staging:
+        compile_release(
+            release.go_module,
+            release.version,
+            staging,
+            BINARIES,
+            program=f"BuildKit {release.version}",
+            fix=f"choose an older release in {builders_dir() / RELEASES_FILE}",
+            tags=BUILD_TAGS,
+        )
         (staging / MARKER).write_text(_fingerprint(release))
-        remove_tree(directory)
-        staging.rename(directory)
-    finally:
-        remove_tree(staging)
 
     log.info(
         "buildkit built",
@@ -189,124 +167,10 @@ def ensure_buildkit_binaries(version: str) -> Path:
     return directory
 
 
-def go_toolchain() -> Path:
-    """Return the ``go`` command: the one on PATH, else /usr/local/go/bin/go."""
-    found = shutil.which("go")
-    if found:
-        return Path(found)
-    if GO_FALLBACK.is_file() and os.access(GO_FALLBACK, os.X_OK):
-        return GO_FALLBACK
-    raise SetupError(
-        "go toolchain not found on PATH nor at /usr/local/go/bin/go; "
-        "install Go (https://go.dev/dl) or Debian's golang-go, "
-        "to build BuildKit from source"
-    )
-
-
 def _fingerprint(release: BuildkitRelease) -> str:
     return json.dumps(
         {"module": release.go_module, "version": release.version, "tags": BUILD_TAGS}
     )
-
-
-def _go_environment() -> dict[str, str]:
-    go_root = cache_root() / "go"
-    environment = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("GO", "CGO_"))
-    }
-    environment.update(
-        GOPATH=str(go_root),
-        GOMODCACHE=str(go_root / "mod"),
-        GOCACHE=str(go_root / "build"),
-        # Writable module files, so that a cache directory can be removed.
-        GOFLAGS="-modcacherw",
-        # Compile with the installed Go, never a toolchain the module names.
-        GOTOOLCHAIN="local",
-        # The user's `go env -w` settings do not apply.
-        GOENV="off",
-        CGO_ENABLED="0",
-    )
-    for name in GO_NETWORK_VARIABLES:
-        if name in os.environ:
-            environment[name] = os.environ[name]
-    return environment
-
-
-def _go(go: Path, arguments: list[str], purpose: str, cwd: Path | None = None) -> str:
-    completed = subprocess.run(
-        [str(go), *arguments],
-        cwd=cwd,
-        env=_go_environment(),
-        capture_output=True,
-        text=True,
-        timeout=GO_TIMEOUT,
-        check=False,
-    )
-    if completed.returncode != 0:
-        detail = (completed.stderr or completed.stdout).strip().splitlines()
-        raise SetupError(f"failed to {purpose}: {' | '.join(detail[-5:])}")
-    return completed.stdout
-
-
-def _download_module(go: Path, release: BuildkitRelease) -> dict[str, Any]:
-    path = f"{release.go_module}@{release.version}"
-    output = _go(
-        go, ["mod", "download", "-json", path], f"download {path}", cwd=Path("/")
-    )
-    module: dict[str, Any] = json.loads(output)
-    if module.get("Error") or not module.get("Dir"):
-        raise SetupError(f"failed to download {path}: {module.get('Error')}")
-    return module
-
-
-def _check_go_version(go: Path, release: BuildkitRelease, go_mod: Path) -> None:
-    directive = re.search(r"^go\s+(\S+)", go_mod.read_text(), re.MULTILINE)
-    if directive is None:
-        return
-    required = directive.group(1)
-    installed = _go(go, ["env", "GOVERSION"], "read the Go version").strip()
-    if _version_tuple(required) > _version_tuple(installed):
-        raise SetupError(
-            f"BuildKit {release.version} needs Go {required} or newer, "
-            f"but {go} is {installed}; install a newer Go or choose an older "
-            f"release in {builders_dir() / RELEASES_FILE}"
-        )
-
-
-def _compile(
-    go: Path,
-    release: BuildkitRelease,
-    source: Path,
-    output: Path,
-    revision: str | None,
-) -> None:
-    # `go install MODULE/cmd/...@VERSION` rejects modules whose go.mod has
-    # replace or exclude directives, so the build runs in a copy of the module.
-    # A module download keeps only vendor/modules.txt of a vendored release,
-    # so the dependencies always come from the module cache (-mod=mod).
-    package = f"{release.go_module}/version"
-    ldflags = [
-        f"-X {package}.Version={release.version}",
-        f"-X {package}.Package={release.go_module}",
-    ]
-    if revision:
-        ldflags.append(f"-X {package}.Revision={revision}")
-    _go(
-        go,
-        [
-            "build",
-            "-mod=mod",
-            "-trimpath",
-            "-tags", BUILD_TAGS,
-            "-ldflags", " ".join(ldflags),
-            "-o", f"{output}/",
-            *(f"./cmd/{binary}" for binary in BINARIES),
-        ],
-        f"compile BuildKit {release.version}",
-        cwd=source,
-    )  # fmt: skip
 
 
 # Images -------------------------------------------------------------------

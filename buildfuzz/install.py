@@ -81,7 +81,8 @@ def ensure_installed(
 
 def builder_problem(definitions: Definitions, name: str) -> str | None:
     """Return why builder ``name`` cannot run here, or None when it can."""
-    from buildfuzz.buildkit_images import buildkit_binaries_dir, go_toolchain
+    from buildfuzz.buildkit_images import buildkit_binaries_dir
+    from buildfuzz.go_build import go_toolchain
 
     builder = definitions.builders[name]
     if builder.driver == "kubernetes" and not kubeconfig_present():

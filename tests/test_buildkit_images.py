@@ -16,18 +16,16 @@ from python_on_whales import DockerClient
 from buildfuzz.baseimage import busybox_rootfs_tar
 from buildfuzz.buildkit_images import (
     BINARIES,
-    BuildkitRelease,
     HostBuildkitd,
-    _check_go_version,
     buildkit_rootfs_tar,
     container_driver_options,
     ensure_buildkit_binaries,
-    go_toolchain,
     load_buildkit_releases,
     newest_release,
     publish_buildkit_image,
 )
 from buildfuzz.errors import DataFileError, SetupError
+from buildfuzz.go_build import check_go_version, go_toolchain
 from buildfuzz.install import busybox_binary
 from buildfuzz.registry import LoopbackRegistry
 from tests.conftest import client_tools, start_engine
@@ -79,10 +77,8 @@ def test_unlisted_version_rejected() -> None:
 def test_release_needing_newer_go_rejected(tmp_path: Path) -> None:
     go_mod = tmp_path / "go.mod"
     go_mod.write_text("module example.com/m\n\ngo 9.1.0\n")
-    release = BuildkitRelease("v9.0.0", "example.com/m", "from the future")
-
-    with pytest.raises(SetupError, match="needs Go 9.1.0 or newer"):
-        _check_go_version(go_toolchain(), release, go_mod)
+    with pytest.raises(SetupError, match="v9.0.0 needs Go 9.1.0 or newer"):
+        check_go_version(go_toolchain(), "BuildKit v9.0.0", go_mod, "pick another")
 
 
 @pytest.mark.engine
