@@ -169,6 +169,13 @@ def load_profile(name: str) -> Profile:
         raise DataFileError(path, str(error)) from None
 
 
+def _rules_name(profile: Path, rules: str) -> str:
+    """Return a rule set's name, or its file's path relative to the profile's."""
+    if rules.endswith(".toml") and not Path(rules).is_absolute():
+        return str(profile.parent / rules)
+    return rules
+
+
 def _profile_from_dict(path: Path, data: dict[str, Any]) -> Profile:
     allowed = {"description", "rules", "engines", "builders", "context", "engine"}
     allowed |= {"dockerfile", "build"}
@@ -187,7 +194,7 @@ def _profile_from_dict(path: Path, data: dict[str, Any]) -> Profile:
         name=path.stem,
         path=path,
         description=str(data.get("description", "")),
-        rules=str(data.get("rules", "expected")),
+        rules=_rules_name(path, str(data.get("rules", "expected"))),
         engines=engines,
         builders=builders,
         engine=engine,
@@ -377,9 +384,8 @@ def _enum(enum_type: Any, value: Any, label: str) -> Any:
 
 def _choice(value: Any, choices: tuple[str, ...], label: str) -> str:
     if value not in choices:
-        raise ValueError(
-            f"{label}: unknown value {value!r}; use one of {', '.join(choices)}"
-        )
+        listed = ", ".join(repr(choice) for choice in choices)
+        raise ValueError(f"{label}: unknown value {value!r}; use one of {listed}")
     return str(value)
 
 

@@ -100,13 +100,26 @@ def _rule(entry: dict[str, Any]) -> Rule:
     if not isinstance(always, bool):
         raise ValueError(f"always of rule {entry.get('id')!r} must be true or false")
 
+    for key in ("id", "reason", "message"):
+        if key not in entry:
+            raise ValueError(f"rule {entry.get('id')!r} has no {key} key")
+
+    def pattern(key: str) -> re.Pattern[str]:
+        try:
+            return re.compile(entry[key])
+        except (re.error, TypeError) as error:
+            raise ValueError(
+                f"{key} of rule {entry.get('id')!r} is not a valid regular "
+                f"expression: {error}"
+            ) from None
+
     def optional(key: str) -> re.Pattern[str] | None:
-        return re.compile(entry[key]) if key in entry else None
+        return pattern(key) if key in entry else None
 
     return Rule(
         id=str(entry["id"]),
         reason=str(entry["reason"]),
-        message=re.compile(entry["message"]),
+        message=pattern("message"),
         builders=tuple(entry.get("builders", ())),
         engines=tuple(entry.get("engines", ())),
         dockerfile=optional("dockerfile"),

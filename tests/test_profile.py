@@ -436,7 +436,7 @@ def test_missing_rule_set_is_rejected() -> None:
     [
         ("[[rule]\n", "invalid TOML"),
         ("rule = 3\n", "rules must be [[rule]] tables"),
-        ('[[rule]]\nid = "r"\nreason = "x"\n', "invalid rule: 'message'"),
+        ('[[rule]]\nid = "r"\nreason = "x"\n', "rule 'r' has no message key"),
         (
             '[[rule]]\nid = "r"\nreason = "x"\nmessage = "m"\ncolour = 1\n',
             "unknown key 'colour' in rule 'r'",
@@ -595,3 +595,29 @@ def test_unreadable_context_rule_explains_permission_denied() -> None:
 
     assert rule is not None
     assert rule.id == "run-as-user-lists-unreadable-context"
+
+
+def test_rules_file_beside_profile(tmp_path: Path) -> None:
+    """A profile's rules file is found next to the profile, not in the cwd."""
+    (tmp_path / "mine.toml").write_text(
+        '[[rule]]\nid = "x"\nreason = "r"\nmessage = "boom"\n'
+    )
+    (tmp_path / "p.toml").write_text('rules = "mine.toml"\n')
+    from buildfuzz.profile import load_profile
+    from buildfuzz.rules import load_rules
+
+    profile = load_profile(str(tmp_path / "p.toml"))
+    assert profile.rules == str(tmp_path / "mine.toml")
+    assert [rule.id for rule in load_rules(profile.rules)] == ["x"]
+
+
+def test_bad_rule_pattern_names_key(tmp_path: Path) -> None:
+    from buildfuzz.rules import load_rules
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[[rule]]\nid = "x"\nreason = "r"\nmessage = "ok"\nfiles = "a("\n')
+    with pytest.raises(DataFileError, match="files of rule 'x' is not a valid regular"):
+        load_rules(str(path))
+    path.write_text('[[rule]]\nid = "x"\nreason = "r"\n')
+    with pytest.raises(DataFileError, match="rule 'x' has no message key"):
+        load_rules(str(path))
