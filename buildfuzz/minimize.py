@@ -17,7 +17,7 @@ import structlog
 
 from buildfuzz.case import Case, ContextFile, FileKind
 from buildfuzz.profile import Profile
-from buildfuzz.strategies import BASE_IMAGES, NATIVE_PLATFORMS, Target
+from buildfuzz.strategies import BASE_IMAGES, Target, case_platforms
 
 log = structlog.get_logger(__name__)
 
@@ -301,11 +301,10 @@ def _axis_variants(
         [(str(o), replace(case, output=o)) for o in outputs[:2]],
     )
 
-    uses_local_base = any(BASE_IMAGES["busybox"] in line for line in case.dockerfile)
-    platforms = [
-        p for p in profile.build.platforms
-        if p != case.platform and (not uses_local_base or p in NATIVE_PLATFORMS)
-    ]  # fmt: skip
+    # Only platforms that every base of the case has and, for RUN steps, that
+    # this machine can run.
+    possible = case_platforms(profile.build.platforms, case.dockerfile)
+    platforms = [p for p in possible if p != case.platform]
     yield (
         AxisReport("platform", case.platform or "(default)"),
         [(p or "(default)", replace(case, platform=p)) for p in platforms[:2]],

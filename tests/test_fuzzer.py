@@ -265,3 +265,29 @@ def test_one_minimal_leaves_no_reproducing_step() -> None:
     assert steps
     for label, candidate in steps:
         assert not reproduces(candidate), label
+
+
+def test_explanation_offers_base_platforms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other platforms are offered where the base has them and RUN can run."""
+    from buildfuzz.base_formats import FORMATS_BY_NAME
+    from buildfuzz.minimize import _axis_variants
+
+    monkeypatch.setattr(
+        "buildfuzz.strategies.runnable_platforms", lambda: frozenset({"linux/amd64"})
+    )
+    profile = replace(
+        PROFILE,
+        build=replace(PROFILE.build, platforms=("", "linux/amd64", "linux/arm64")),
+    )
+    image = FORMATS_BY_NAME["busybox-multi"].image
+
+    def offered(dockerfile: tuple[str, ...]) -> list[str]:
+        case = Case(dockerfile=dockerfile)
+        variants = {
+            report.axis: choices
+            for report, choices in _axis_variants(case, profile, ())
+        }
+        return [label for label, _ in variants["platform"]]
+
+    assert offered((f"FROM {image}", "COPY . /")) == ["linux/amd64", "linux/arm64"]
+    assert offered((f"FROM {image}", "RUN true")) == ["linux/amd64"]
