@@ -113,6 +113,10 @@ SHORT_PATH = 3000  # bytes; longer paths are reached one directory at a time
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _FD_KINDS = frozenset({FileKind.FILE, FileKind.SPARSE, FileKind.ARCHIVE})
+# Mode bits that open() cannot set for good: chown and write clear them, and
+# open drops setgid for a group that the process is not in, so files with
+# either bit get an fchmod at the end.
+_SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 def _proc_path(descriptor: int, name: bytes) -> bytes:
@@ -124,17 +128,38 @@ def _encode(path: str) -> bytes:
     return path.encode("utf-8", "surrogateescape")
 
 
+def _umask() -> int:
+    """Return the process umask, or 0o777 when /proc does not show it.
+
+    /proc/self/status has it since Linux 4.7; os.umask() would have to
+    change it for a moment, which a thread creating files could see.
+    """
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o777
+
+
 class _ContextWriter:
     """Create a case's entries under the open directory ``root``.
 
     Each directory is made once, and each entry is reached from an open
     descriptor of its parent, so no system call resolves a whole path.
+    A regular file is created with its final mode where the umask allows,
+    and is chowned only when its owner differs from the owner that the
+    first new file in the same directory got from the kernel. So most
+    files cost four system calls: openat, write, futimens and close.
     """
 
     def __init__(self, root: int) -> None:
         self.root = root
         self.made: set[bytes] = {b""}  # directories that exist, relative to root
         self.blocks: dict[int, bytes] = {}  # content_block() by seed
+        self.umask = _umask()
 
     def write(self, case: Case) -> None:
         directories: list[tuple[bytes, ContextFile]] = []
@@ -228,19 +253,37 @@ class _ContextWriter:
     ) -> None:
         parent = self._open_directory(parent_path)
         try:
+            owner: tuple[int, int] | None = None
             for name, entry in items:
                 if entry.kind in _FD_KINDS:
-                    self._write_file(parent, name, entry)
+                    owner = self._write_file(parent, name, entry, owner)
                 else:
                     self._make_node(parent, name, entry)
                     _apply_at(parent, name, entry)
         finally:
             self._close(parent)
 
-    def _write_file(self, parent: int, name: bytes, entry: ContextFile) -> None:
-        """Write a regular file and set its attributes through its descriptor."""
-        descriptor = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+    def _write_file(
+        self,
+        parent: int,
+        name: bytes,
+        entry: ContextFile,
+        owner: tuple[int, int] | None,
+    ) -> tuple[int, int]:
+        """Write a regular file and set its attributes through its descriptor.
+
+        ``owner`` is the uid and gid that a new file in ``parent`` gets, or
+        None when no file there was written yet. Returns it.
+        """
+        mode = stat.S_IMODE(entry.mode)
+        # An unprivileged process can set user.* attributes only on a file
+        # that its mode lets it write, so those files get their mode last.
+        exact = not (mode & (self.umask | _SPECIAL_BITS) or entry.xattrs)
+        descriptor = os.open(name, _NEW_FILE, mode if exact else 0o600, dir_fd=parent)
         try:
+            if owner is None:
+                created = os.fstat(descriptor)
+                owner = (created.st_uid, created.st_gid)
             if entry.kind is FileKind.SPARSE:
                 os.ftruncate(descriptor, entry.size)
             elif entry.kind is FileKind.ARCHIVE:
@@ -249,12 +292,15 @@ class _ContextWriter:
                 self._write_content(descriptor, entry.seed, entry.size)
             for attribute, value in entry.xattrs:
                 os.setxattr(descriptor, attribute, _encode(value))
-            os.fchown(descriptor, entry.uid, entry.gid)
-            # chmod after chown: chown clears the setuid and setgid bits.
-            os.fchmod(descriptor, stat.S_IMODE(entry.mode))
+            if (entry.uid, entry.gid) != owner:
+                os.fchown(descriptor, entry.uid, entry.gid)
+            if not exact:
+                # chmod after chown: chown clears the setuid and setgid bits.
+                os.fchmod(descriptor, mode)
             os.utime(descriptor, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(descriptor)
+        return owner
 
     def _write_content(self, descriptor: int, seed: int, size: int) -> None:
         block = self.blocks.get(seed)
@@ -353,14 +399,23 @@ class _ContextWriter:
     ) -> None:
         parent = os.open(parent_path, _DIRECTORY, dir_fd=self.root)
         times = (BULK_MTIME_NS, BULK_MTIME_NS)
+        exact = not FILE_MODE & self.umask
+        owner: tuple[int, int] | None = None
         try:
             for name, size in items:
-                descriptor = os.open(name, _NEW_FILE, 0o600, dir_fd=parent)
+                descriptor = os.open(
+                    name, _NEW_FILE, FILE_MODE if exact else 0o600, dir_fd=parent
+                )
                 try:
+                    if owner is None:
+                        created = os.fstat(descriptor)
+                        owner = (created.st_uid, created.st_gid)
                     if size:
                         _write_all(descriptor, contents[size])
-                    os.fchown(descriptor, 0, 0)
-                    os.fchmod(descriptor, FILE_MODE)
+                    if owner != (0, 0):
+                        os.fchown(descriptor, 0, 0)
+                    if not exact:
+                        os.fchmod(descriptor, FILE_MODE)
                     os.utime(descriptor, ns=times)
                 finally:
                     os.close(descriptor)

@@ -509,3 +509,54 @@ def test_bulk_entries_belong_to_root(wide_context: Path) -> None:
     }
 
     assert owners == {(0, 0)}
+
+
+# Files are created with their final mode where the umask allows, and are
+# chowned only when the kernel gave them another owner.
+
+OWNER_CASE = Case(
+    files=(
+        ContextFile("root-owned", size=5, mode=0o644),
+        ContextFile("other-owned", size=5, mode=0o640, uid=1000, gid=1000),
+        ContextFile("open", size=5, mode=0o777),
+        ContextFile("sub/setgid", size=5, mode=0o2775, gid=1000),
+        ContextFile("sub/root-owned", size=5, mode=0o666),
+    ),
+    bulk=BulkRecipe(count=20, sizes=(0, 7), depth=1, seed=4),
+)
+
+
+def test_modes_survive_strict_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o077)
+    try:
+        context = materialize(OWNER_CASE, tmp_path / "context")
+    finally:
+        os.umask(previous)
+
+    for entry in OWNER_CASE.files:
+        check_entry(context, entry)
+    modes = {
+        stat.S_IMODE(os.lstat(path).st_mode)
+        for path in (context / "bulk").rglob("*")
+        if path.is_file()
+    }
+    assert modes == {0o644}
+
+
+def test_owners_under_setgid_parent(tmp_path: Path) -> None:
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chown(parent, 0, 4321)
+    os.chmod(parent, 0o2775)
+
+    context = materialize(OWNER_CASE, parent / "context")
+
+    for entry in OWNER_CASE.files:
+        check_entry(context, entry)
+    owners = {
+        (info.st_uid, info.st_gid)
+        for path in (context / "bulk").rglob("*")
+        if path.is_file()
+        for info in [os.lstat(path)]
+    }
+    assert owners == {(0, 0)}
