@@ -1,5 +1,7 @@
 """Run one case on one engine and builder, capturing everything about it."""
 
+import functools
+import os
 import shutil
 import subprocess
 import threading
@@ -7,20 +9,27 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import structlog
+from docker import APIClient
+from docker import errors as docker_errors
 from python_on_whales import DockerClient, DockerException
 from python_on_whales.utils import stream_stdout_and_stderr
 
 from buildfuzz import secrets
 from buildfuzz.case import Case, Output
+from buildfuzz.churn import ContextChurn
+from buildfuzz.client_user import UserClient
 from buildfuzz.context import materialize
 from buildfuzz.definitions import BuilderDefinition
+from buildfuzz.errors import EngineError
 from buildfuzz.workdir import kill_processes_under
 
 log = structlog.get_logger(__name__)
 
 IMAGE_NAME = "buildfuzz-case"
+PUSH_REPOSITORY = "buildfuzz-case/pushed"  # on the registry of Output.PUSH cases
 # A build's timeout grows with its context: each builder reads every byte
 # (a sparse file's holes too) and handles every file, several times over on
 # the vfs storage driver. These allowances are generous on purpose: a hang
@@ -43,6 +52,7 @@ class BuildResult:
     load_log: str = ""
     engine_alive: bool = True
     notes: list[str] = field(default_factory=list)
+    pushed: str = ""  # the reference an Output.PUSH build pushed to
 
     @property
     def succeeded(self) -> bool:
@@ -67,6 +77,7 @@ class CaseRunner:
         builder_name: Callable[[BuilderDefinition], str | None] = lambda _: None,
         docker_for: Callable[[BuilderDefinition], DockerClient] | None = None,
         forget_contexts: bool = False,
+        push_registry: Callable[[], str] | None = None,
     ) -> None:
         self.docker = docker
         self.builders = builders
@@ -80,6 +91,12 @@ class CaseRunner:
         # content. Pruning its copies after each case keeps cases independent
         # where content matters (the tree oracle).
         self.forget_contexts = forget_contexts
+        # The thread of a prune that _forget_contexts started.
+        self._forgetting: threading.Thread | None = None
+        # Returns the host (localhost:PORT) of the registry that Output.PUSH
+        # cases push to, starting it on first use.
+        self.push_registry = push_registry
+        self._user_client = UserClient(work_dir)
         self._counter = 0
 
     def run(self, case: Case, inspect: Inspector | None = None) -> BuildResult:
@@ -89,7 +106,11 @@ class CaseRunner:
         context = materialize(case, case_dir / "context")
         builder = self.builders[case.builder]
         try:
-            result = self._build(case, builder, case_dir, context)
+            self._wait_for_forgetting()
+            with ContextChurn(case, context) as churn:
+                result = self._build(case, builder, case_dir, context)
+            if churn.error is not None:
+                result.notes.append(f"the context did not change: {churn.error}")
             if inspect is not None:
                 inspect(result, case_dir)
             return result
@@ -104,12 +125,13 @@ class CaseRunner:
     ) -> BuildResult:
         lines: list[str] = []
         timeout = scaled_timeout(case, self.timeout)
+        pushed = self._push_reference(case)
         watchdog = _Watchdog(case_dir, timeout)
         started = time.monotonic()
         exit_status = 0
         watchdog.start()
         try:
-            for line in self._stream(case, builder, case_dir, context):
+            for line in self._stream(case, builder, case_dir, context, pushed):
                 lines.append(line)
         except DockerException as error:
             exit_status = error.return_code or 1
@@ -127,6 +149,7 @@ class CaseRunner:
             log="".join(lines),
             duration=duration,
             timed_out=watchdog.fired,
+            pushed=pushed,
         )
         if watchdog.fired:
             result.notes.append(f"the build timed out after {timeout:.0f} s")
@@ -135,21 +158,47 @@ class CaseRunner:
 
         return result
 
+    def _push_reference(self, case: Case) -> str:
+        """Return a reference on the push registry that no earlier build used."""
+        if case.output is not Output.PUSH:
+            return ""
+        if self.push_registry is None:
+            raise EngineError(
+                f"case {case.id} pushes its image, but this runner has no registry; "
+                "give CaseRunner a push_registry"
+            )
+        return f"{self.push_registry()}/{PUSH_REPOSITORY}:{case.id}-{self._counter}"
+
     def _stream(
-        self, case: Case, builder: BuilderDefinition, case_dir: Path, context: Path
+        self,
+        case: Case,
+        builder: BuilderDefinition,
+        case_dir: Path,
+        context: Path,
+        pushed: str = "",
     ) -> Iterator[str]:
         # Secret values reach the client through its environment: a bare
         # `--build-arg NAME` reads $NAME, so no value shows in `ps`.
         arguments, environment = build_arguments(case)
+        environment |= provide_secrets(case, context)
         if builder.classic:
             command = [*self.docker.docker_cmd, "build", "--tag", tag_for(case)]
             command += arguments
             environment["DOCKER_BUILDKIT"] = "0"
         else:
             command = [*self.docker_for(builder).docker_cmd, "buildx", "build"]
-            command += buildx_arguments(case, self.builder_name(builder), case_dir)
+            command += buildx_arguments(
+                case, self.builder_name(builder), case_dir, pushed
+            )
             command += arguments
-        command += [*case.option_arguments(str(context)), str(context)]
+        command += case.option_arguments(str(context))
+        command.append(case.context_argument(str(context)))
+        if case.client_user:
+            command, variables = self._user_client.wrap(command, case_dir, case.id)
+            environment |= variables
+        if case.context_from:
+            yield from stream_with_stdin(command, environment, case, context, case_dir)
+            return
         for _, raw in stream_stdout_and_stderr(command, env=environment):
             yield raw.decode("utf-8", errors="replace")
 
@@ -162,18 +211,44 @@ class CaseRunner:
             result.load_log = _text(error.stderr) or str(error)
 
     def _forget_contexts(self, builder: BuilderDefinition) -> None:
-        command = [*self.docker_for(builder).docker_cmd, "buildx", "prune", "--force"]
+        """Start removing the builder's copies of build contexts (source.local).
+
+        The prune runs in a thread while the next case is prepared, and the
+        next build waits for it (``_wait_for_forgetting``): a build that
+        starts before the prune ends may still get a file of an earlier case.
+        The engine's own BuildKit (the docker driver) is pruned through one
+        Engine API request on a unix socket, other builders, and the engine
+        when that request fails, by `docker buildx prune`.
+        """
         name = self.builder_name(builder)
+        docker = self.docker_for(builder)
+        host = docker.client_config.host or ""
+        command = [*docker.docker_cmd, "buildx", "prune", "--force"]
         if name is not None:
             command += ["--builder", name]
         command += ["--filter", "type=source.local"]
-        completed = subprocess.run(command, capture_output=True, check=False)
-        if completed.returncode != 0:
-            log.warning(
-                "could not remove the builder's copies of earlier contexts",
-                builder=builder.name,
-                error=_text(completed.stderr).strip()[-300:],
-            )
+        prune: Callable[[], str]
+        if name is None and host.startswith("unix://"):
+            prune = functools.partial(_prune_engine_contexts, host, command)
+        else:
+            prune = functools.partial(_prune_with_buildx, command)
+        self._forgetting = threading.Thread(
+            target=_log_prune_error,
+            args=(prune, builder.name),
+            name=f"prune-{builder.name}",
+            daemon=True,
+        )
+        self._forgetting.start()
+
+    def close(self) -> None:
+        """Wait for a running prune; call before the runner's engine stops."""
+        self._wait_for_forgetting()
+
+    def _wait_for_forgetting(self) -> None:
+        """Wait for the prune that ``_forget_contexts`` started, if any."""
+        if self._forgetting is not None:
+            self._forgetting.join()
+            self._forgetting = None
 
     def _remove_image(self, extra_tags: tuple[str, ...] = ()) -> None:
         try:
@@ -184,6 +259,133 @@ class CaseRunner:
             )
         except DockerException:
             pass  # nothing was tagged: the build failed or did not load
+
+
+# Docker 20.10's, the oldest engine in builders/engines.toml. docker-py 7.2
+# sends build cache filters only for API 1.39 or later.
+ENGINE_API_VERSION = "1.41"
+
+
+def _prune_engine_contexts(host: str, command: list[str]) -> str:
+    """Remove the source.local records of the engine's BuildKit at ``host``.
+
+    It does what `docker buildx prune --force --filter type=source.local`
+    does for a docker-driver builder, without starting two processes. When
+    the engine rejects the request (an API version it no longer accepts,
+    for example), it runs ``command``, that prune, instead. Returns an
+    error message, or "" on success.
+    """
+    client = APIClient(base_url=host, version=ENGINE_API_VERSION, timeout=60)
+    try:
+        client.prune_builds(filters={"type": ["source.local"]})
+    except (OSError, docker_errors.DockerException) as error:
+        # docker's APIError and requests' errors are OSErrors.
+        log.info("pruning through the Engine API failed", error=str(error)[-300:])
+        return _prune_with_buildx(command)
+    finally:
+        client.close()
+    return ""
+
+
+def _prune_with_buildx(command: list[str]) -> str:
+    """Run `docker buildx prune`; return its error message, or "" on success."""
+    completed = subprocess.run(command, capture_output=True, check=False)
+    if completed.returncode == 0:
+        return ""
+    return _text(completed.stderr) or f"exit status {completed.returncode}"
+
+
+def _log_prune_error(prune: Callable[[], str], builder_name: str) -> None:
+    error = prune()
+    if error:
+        log.warning(
+            "could not remove the builder's copies of earlier contexts",
+            builder=builder_name,
+            error=error.strip()[-300:],
+        )
+
+
+def tar_command(context: Path) -> list[str]:
+    """Return the GNU tar command that writes ``context`` as a tar to stdout.
+
+    It keeps numeric owners, modes, symlinks, hardlinks, device nodes, FIFOs
+    and user.* extended attributes, and mtimes in whole seconds, as the
+    docker CLI's own context tar does. GNU tar leaves unix sockets out, with
+    a warning on stderr. Sparse files are sent as their full length of zeros.
+
+    The pax time records are left out, because the docker CLI (26.1, and
+    buildx 0.13) reads the first 512 bytes of stdin as a tar header to decide
+    whether stdin is a tar. A pax header there fails that test ("ambiguous
+    Dockerfile source: both stdin and flag correspond to Dockerfiles").
+    """
+    return [
+        "tar", "--create", "--file=-", "--format=pax", "--numeric-owner",
+        "--pax-option=delete=atime,delete=ctime,delete=mtime",
+        "--xattrs", "--xattrs-include=user.*", "--sort=name",
+        "--directory", str(context), ".",
+    ]  # fmt: skip
+
+
+def stream_with_stdin(
+    command: list[str],
+    environment: dict[str, str],
+    case: Case,
+    context: Path,
+    case_dir: Path,
+) -> Iterator[str]:
+    """Run a build whose stdin is the context tar or the Dockerfile; yield its output.
+
+    The tar goes from a ``tar`` process through a pipe, and the Dockerfile is
+    opened as a file, so nothing in buildfuzz feeds stdin and no pipe can fill
+    up. Both processes run in ``case_dir``, where the watchdog finds them.
+    """
+    command = [str(word) for word in command]  # docker_cmd contains a Path
+    full_environment = os.environ | environment
+    producer: subprocess.Popen[bytes] | None = None
+    tar_log = case_dir / "tar.log"
+    if case.context_from == "stdin-tar":
+        with tar_log.open("wb") as errors:
+            producer = subprocess.Popen(
+                tar_command(context),
+                cwd=case_dir,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+        assert producer.stdout is not None
+        stdin: IO[bytes] = producer.stdout
+    else:
+        stdin = (context / case.dockerfile_name).open("rb")
+    try:
+        with subprocess.Popen(
+            command,
+            cwd=case_dir,
+            env=full_environment,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        ) as process:
+            stdin.close()  # the build process has its own copy
+            assert process.stdout is not None
+            for raw in process.stdout:
+                yield raw.decode("utf-8", errors="replace")
+    finally:
+        stdin.close()
+        if producer is not None:
+            _finish_tar(producer, tar_log)
+    if process.returncode != 0:
+        raise DockerException(command, process.returncode)
+
+
+def _finish_tar(producer: subprocess.Popen[bytes], tar_log: Path) -> None:
+    """Wait for the tar process; kill it when the build stopped reading early."""
+    try:
+        producer.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        producer.kill()
+        producer.wait()
+    errors = tar_log.read_text(encoding="utf-8", errors="replace").strip()
+    if producer.returncode != 0 and errors:
+        log.info("tar of the context ended with errors", errors=errors[-300:])
 
 
 def context_size(case: Case) -> tuple[int, int]:
@@ -238,14 +440,39 @@ def build_arguments(case: Case) -> tuple[list[str], dict[str, str]]:
     return arguments, environment
 
 
-def buildx_arguments(case: Case, builder: str | None, case_dir: Path) -> list[str]:
-    """Return the ``docker buildx build`` flags that the classic builder lacks."""
+def provide_secrets(case: Case, context: Path) -> dict[str, str]:
+    """Write the files of the case's build secrets; return the variables of the rest.
+
+    The flags that name them come from ``Case.option_arguments``; a file goes
+    beside the context, readable by its owner only.
+    """
+    environment = {}
+    for secret_id, source in case.build_secrets:
+        value = secrets.build_secret_value(secret_id)
+        if source == "env":
+            environment[secrets.secret_variable(secret_id)] = value
+            continue
+        path = Path(secrets.secret_file(str(context), secret_id))
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(value)
+    return environment
+
+
+def buildx_arguments(
+    case: Case, builder: str | None, case_dir: Path, pushed: str = ""
+) -> list[str]:
+    """Return the ``docker buildx build`` flags that the classic builder lacks.
+
+    ``pushed`` is the reference that an Output.PUSH case pushes to.
+    """
     arguments = ["--progress", "plain"]
     if builder is not None:
         arguments += ["--builder", builder]
     if case.output is Output.LOAD:
         arguments += ["--load", "--tag", tag_for(case)]
-    output = buildx_output(case, case_dir)
+    output = buildx_output(case, case_dir, pushed)
     if output:
         arguments += ["--output", ",".join(f"{k}={v}" for k, v in output.items())]
     # The sandbox daemons have no bridge network, so BuildKit RUN steps fail
@@ -254,7 +481,9 @@ def buildx_arguments(case: Case, builder: str | None, case_dir: Path) -> list[st
     return arguments
 
 
-def buildx_output(case: Case, case_dir: Path) -> dict[str, str]:
+def buildx_output(case: Case, case_dir: Path, pushed: str = "") -> dict[str, str]:
+    if case.output is Output.PUSH:
+        return push_output(case, pushed)
     if case.output is Output.TAR:
         return {"type": "tar", "dest": str(case_dir / "rootfs.tar")}
     if case.output is Output.LOCAL:
@@ -268,6 +497,18 @@ def buildx_output(case: Case, case_dir: Path) -> dict[str, str]:
             "name": f"{IMAGE_NAME}:loaded",
         }
     return {}
+
+
+def push_output(case: Case, reference: str) -> dict[str, str]:
+    """Return the attributes of ``--output type=image,push=true`` for ``case``."""
+    output = {"type": "image", "name": reference, "push": "true"}
+    if case.compression:
+        output["compression"] = case.compression
+    if case.force_compression:
+        output["force-compression"] = "true"
+    if case.oci_mediatypes:
+        output["oci-mediatypes"] = case.oci_mediatypes
+    return output
 
 
 def _text(value: object) -> str:

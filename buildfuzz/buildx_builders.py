@@ -30,6 +30,7 @@ from buildfuzz.case import Case
 from buildfuzz.definitions import BuilderDefinition
 from buildfuzz.errors import EngineError
 from buildfuzz.registry import LoopbackRegistry
+from buildfuzz.sbom_scanner import import_scanner_image, publish_scanner_image
 from buildfuzz.strategies import BUSYBOX_IMAGE
 
 log = structlog.get_logger(__name__)
@@ -66,6 +67,9 @@ class BuilderPool:
         self._auth_registry: LoopbackRegistry | None = None
         self._publisher: BasePublisher | None = None
         self._pushed_base = False
+        # The SBOM scanner image: pushed to the registry, imported into engines.
+        self._pushed_scanner = False
+        self._scanner_engines: set[str] = set()
         self._images: dict[str, str] = {}
         self._hosts: dict[str, HostBuildkitd] = {}
         # (engine label, builder name) -> (client, buildx builder name)
@@ -202,10 +206,35 @@ class BuilderPool:
             engine_store=definition.classic or definition.driver == "docker",
         )
 
+    def provide_scanner(
+        self, engine_label: str, docker: DockerClient, definition: BuilderDefinition
+    ) -> None:
+        """Make the SBOM scanner image reachable for builder ``definition``.
+
+        The docker driver's BuildKit looks the image up in the engine's image
+        store; the docker-container and remote builders fetch it from the
+        loopback registry. The classic builder makes no SBOMs.
+        """
+        if definition.classic:
+            return
+        if definition.driver == "docker":
+            if engine_label not in self._scanner_engines:
+                import_scanner_image(docker)
+                self._scanner_engines.add(engine_label)
+            return
+        registry = self._ensure_registry(docker)
+        if not self._pushed_scanner:
+            publish_scanner_image(docker, registry)
+            self._pushed_scanner = True
+
     def _trust_helper(self, docker: DockerClient) -> None:
         if self._auth_registry is not None:
             hosts = [self._auth_registry.host, self._auth_registry.address]
             use_credential_helper(docker, hosts)
+
+    def registry_host(self, docker: DockerClient) -> str:
+        """Return the loopback registry's ``localhost:PORT``, starting it first."""
+        return self._ensure_registry(docker).host
 
     def _ensure_registry(self, docker: DockerClient) -> LoopbackRegistry:
         if self._registry is None:
@@ -247,6 +276,7 @@ class BuilderPool:
         """Drop the builders of an engine that is being stopped."""
         if self._publisher is not None:
             self._publisher.forget_engine(engine_label)
+        self._scanner_engines.discard(engine_label)
         for key in [key for key in self._builders if key[0] == engine_label]:
             docker, name = self._builders.pop(key)
             _remove(docker, name)
@@ -266,6 +296,7 @@ class BuilderPool:
                 registry.stop()
         self._registry = self._auth_registry = None
         self._pushed_base = False
+        self._pushed_scanner = False
 
 
 def _remove(docker: DockerClient, name: str) -> None:

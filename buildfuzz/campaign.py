@@ -5,13 +5,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import structlog
 
 from buildfuzz import secrets
 from buildfuzz.capabilities import privileged_problem
+from buildfuzz.client_user import user_client_problem
 from buildfuzz.definitions import (
     BuilderDefinition,
     Definitions,
@@ -40,6 +41,7 @@ from buildfuzz.replay import ReplayReport, Status
 from buildfuzz.results import ResultsStore, write_atomic
 from buildfuzz.rules import Rule, check_rule_names, load_rules
 from buildfuzz.runlog import RunLog
+from buildfuzz.sequences import SequenceStats
 from buildfuzz.strategies import Target
 from buildfuzz.workdir import DEFAULT_BASE, create_run_dir, remove_tree
 from buildfuzz.worker import Claims, WorkerPlan, WorkerResult, run_workers
@@ -84,6 +86,7 @@ class RunSummary:
     ci: bool = False
     regressions: list[ReplayReport] = field(default_factory=list)
     low_disk: bool = False  # the run stopped early for lack of disk space
+    sequences: SequenceStats = field(default_factory=SequenceStats)
 
     @property
     def new_findings(self) -> list[str]:
@@ -100,6 +103,7 @@ class RunSummary:
     @property
     def builds_per_minute(self) -> float:
         builds = self.stats.cases + self.stats.shrink_builds
+        builds += self.sequences.builds + self.sequences.shrink_builds
         return builds / (self.elapsed / 60) if self.elapsed > 0 else 0.0
 
     def to_dict(self, run_id: str) -> dict[str, object]:
@@ -120,6 +124,7 @@ class RunSummary:
             "new_findings": self.new_findings,
             "known_findings": self.known_findings,
             "regressions": {r.name: str(r.status) for r in self.regressions},
+            "sequences": asdict(self.sequences),
         }
 
     @property
@@ -213,6 +218,7 @@ def prepare(options: RunOptions) -> Prepared:
                 f"defined builders: {known}"
             )
     builders = usable_builders(definitions, profile)
+    clients_allowed = _user_clients_allowed(profile, options.workdir)
     targets = tuple(
         Target(
             engine,
@@ -223,6 +229,9 @@ def prepare(options: RunOptions) -> Prepared:
             limits=definitions.engines[engine].sandboxed,
             engine_store=_reads_engine_store(definitions.builders[builder]),
             registry=_reaches_loopback(definitions.engines[engine]),
+            client_users=definitions.engines[engine].sandboxed
+            and _reads_engine_store(definitions.builders[builder])
+            and clients_allowed,
         )
         for engine in profile.engines
         for builder in builders
@@ -243,6 +252,16 @@ def prepare(options: RunOptions) -> Prepared:
             "and --offline was given; run `buildfuzz setup` first"
         )
     return Prepared(profile, definitions, rules, targets)
+
+
+def _user_clients_allowed(profile: Profile, workdir: Path) -> bool:
+    """Return whether cases may run their client as the unprivileged user."""
+    if profile.build.client_users == ("",):
+        return False
+    problem = user_client_problem(workdir)
+    if problem is not None:
+        log.warning("cases with a non-root client left out", reason=problem)
+    return problem is None
 
 
 def _reads_engine_store(builder: BuilderDefinition) -> bool:
@@ -338,6 +357,7 @@ def run_campaign(options: RunOptions) -> RunSummary:
         list(prepared.profile.engines),
         builders,
         prepared.profile.dockerfile.bases,
+        prepared.profile.build.attestations,
     )
 
     run_dir = create_run_dir(options.workdir)
@@ -397,7 +417,8 @@ def run_campaign(options: RunOptions) -> RunSummary:
     finally:
         summary.elapsed = time.monotonic() - started
         remove_tree(run_dir)
-        if summary.stats.cases or summary.stats.shrink_builds:
+        builds = summary.stats.cases + summary.stats.shrink_builds
+        if builds or summary.sequences.builds:
             RunLog(options.results, run_id).finish(summary.to_dict(run_id))
         store.close()
 
@@ -441,6 +462,7 @@ def _merge(summary: RunSummary, results: list[WorkerResult]) -> None:
             if finding_id not in summary.written.known + summary.written.new:
                 summary.written.known.append(finding_id)
         summary.regressions += result.regressions
+        summary.sequences.add(result.sequences)
         summary.interrupted = summary.interrupted or result.interrupted
         summary.low_disk = summary.low_disk or result.low_disk
     # A signature one worker wrote and another saw again is new, not known.

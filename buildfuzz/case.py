@@ -44,14 +44,33 @@ class Output(StrEnum):
     LOCAL = "local"  # type=local, the root filesystem as a directory
     DOCKER_TAR = "docker-tar"  # type=docker to a file, then `docker load`
     OCI = "oci"  # type=oci, an OCI image layout as a tar file
+    # type=image,push=true to the run's loopback registry, with the case's
+    # compression, force_compression and oci_mediatypes.
+    PUSH = "push"
 
 
 # Build cache export and import (--cache-to, --cache-from): "inline" puts
 # cache metadata into the image; "local" exports to a directory beside the
 # context and imports from it.
 CACHE_MODES = ("", "inline", "local")
-# Attestations (--provenance). The classic builder rejects the flag.
-ATTESTATIONS = ("", "provenance-min", "provenance-max")
+# Attestations: "provenance-MODE" gives --provenance=mode=MODE, "sbom" an SBOM
+# made by the scanner image that buildfuzz builds (buildfuzz/sbom_scanner.py),
+# and "sbom-provenance-max" both. The classic builder rejects the flags.
+ATTESTATIONS = ("", "provenance-min", "provenance-max", "sbom", "sbom-provenance-max")
+# Layer compression of a pushed image; "" leaves the exporter's default (gzip).
+COMPRESSIONS = ("", "gzip", "zstd", "estargz", "uncompressed")
+# The oci-mediatypes option of a pushed image; "" leaves the option out.
+OCI_MEDIATYPES = ("", "true", "false")
+# Sources of the build context. "" names the context directory. "stdin-tar"
+# sends it as a tar on stdin (context "-", --file inside the tar), and
+# "stdin-dockerfile" sends the Dockerfile on stdin (--file -).
+CONTEXT_SOURCES = ("", "stdin-tar", "stdin-dockerfile")
+# Who runs the docker client: "" is root, as buildfuzz itself; "buildfuzz" is
+# the unprivileged user that ./dev.sh creates (see buildfuzz/client_user.py).
+CLIENT_USERS = ("", "buildfuzz")
+# How a context file changes while the client sends the context: "append"
+# grows it, "rewrite" empties and refills it (see buildfuzz/churn.py).
+CHURN_MODES = ("", "append", "rewrite")
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,17 @@ class Case:
     tags: tuple[str, ...] = ()  # tags given in addition to the case's own
     cache: str = ""  # one of CACHE_MODES
     attest: str = ""  # one of ATTESTATIONS
+    # Build secrets (--secret), sorted by id: each an id and its source, "env"
+    # or "file" (secrets.SECRET_SOURCES). No value is in the case (secrets.py).
+    build_secrets: tuple[tuple[str, str], ...] = ()
+    # Options of the pushed image (Output.PUSH only): compression=,
+    # force-compression=true and oci-mediatypes=.
+    compression: str = ""  # one of COMPRESSIONS
+    force_compression: bool = False
+    oci_mediatypes: str = ""  # one of OCI_MEDIATYPES
+    context_from: str = ""  # one of CONTEXT_SOURCES
+    client_user: str = ""  # one of CLIENT_USERS
+    churn: str = ""  # one of CHURN_MODES
     schema: int = CASE_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +161,8 @@ class Case:
             data["dockerfile_dockerignore"] = list(self.dockerfile_dockerignore)
         if self.tags:
             data["tags"] = list(self.tags)
+        if self.build_secrets:
+            data["build_secrets"] = dict(self.build_secrets)
         if self.bulk is not None:
             data["bulk"]["sizes"] = list(self.bulk.sizes)
         return data
@@ -166,13 +198,21 @@ class Case:
         """Return the ``--file`` path in the context, or None for the default."""
         return None if self.dockerfile_name == DOCKERFILE else self.dockerfile_name
 
-    def option_arguments(self, context: str) -> list[str]:
+    def option_arguments(
+        self, context: str, *, sbom_generator: str | None = None
+    ) -> list[str]:
         """Return the build command's flags for ``--file``, ``--target``,
-        ``--no-cache``, the extra tags, the cache and the attestations, with
-        the context at ``context`` (a local cache goes beside it).
+        ``--no-cache``, the extra tags, the cache, the attestations and the
+        build secrets, with the context at ``context`` (a local cache and the
+        files of build secrets go beside it). An SBOM is made by the image
+        ``sbom_generator``, by default the scanner image that buildfuzz builds.
         """
         arguments = []
-        if self.dockerfile_option is not None:
+        if self.context_from == "stdin-tar":
+            arguments += ["--file", self.dockerfile_name]  # a path in the tar
+        elif self.context_from == "stdin-dockerfile":
+            arguments += ["--file", "-"]
+        elif self.dockerfile_option is not None:
             arguments += ["--file", f"{context}/{self.dockerfile_option}"]
         if self.target:
             arguments += ["--target", self.target]
@@ -187,9 +227,23 @@ class Case:
             cache = f"{context}.cache"
             arguments += ["--cache-to", f"type=local,dest={cache}"]
             arguments += ["--cache-from", f"type=local,src={cache}"]
-        if self.attest:
+        if self.attest.startswith("sbom"):
+            from buildfuzz.sbom_scanner import SCANNER_IMAGE
+
+            arguments.append(f"--sbom=generator={sbom_generator or SCANNER_IMAGE}")
+        if "provenance" in self.attest:
             arguments.append(f"--provenance=mode={self.attest.rpartition('-')[2]}")
+        for secret_id, source in self.build_secrets:
+            if source == "env":
+                where = f"env={secrets.secret_variable(secret_id)}"
+            else:
+                where = f"src={secrets.secret_file(context, secret_id)}"
+            arguments += ["--secret", f"id={secret_id},{where}"]
         return arguments
+
+    def context_argument(self, context: str) -> str:
+        """Return the build command's context: "-" for a tar on stdin."""
+        return "-" if self.context_from == "stdin-tar" else context
 
 
 _OPTIONAL_FIELDS = (
@@ -201,6 +255,13 @@ _OPTIONAL_FIELDS = (
     "tags",
     "cache",
     "attest",
+    "build_secrets",
+    "compression",
+    "force_compression",
+    "oci_mediatypes",
+    "context_from",
+    "client_user",
+    "churn",
 )
 _OPTIONAL_FILE_FIELDS = ("major", "minor", "xattrs")
 
@@ -239,6 +300,9 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
         build_args = data.get("build_args", {})
         if not isinstance(build_args, dict):
             raise TypeError("build_args must be an object")
+        build_secrets = data.get("build_secrets", {})
+        if not isinstance(build_secrets, dict):
+            raise TypeError("build_secrets must be an object of ids and sources")
         case = Case(
             files=files,
             dockerignore=None
@@ -271,10 +335,34 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
             tags=tuple(_strings(data.get("tags", []), "tags")),
             cache=_choice(data.get("cache", ""), "cache", CACHE_MODES),
             attest=_choice(data.get("attest", ""), "attest", ATTESTATIONS),
+            build_secrets=tuple(
+                sorted(
+                    (_string(k, "build_secrets"), _string(v, "build_secrets"))
+                    for k, v in build_secrets.items()
+                )
+            ),
+            compression=_choice(
+                data.get("compression", ""), "compression", COMPRESSIONS
+            ),
+            force_compression=_boolean(
+                data.get("force_compression", False), "force_compression"
+            ),
+            oci_mediatypes=_choice(
+                data.get("oci_mediatypes", ""), "oci_mediatypes", OCI_MEDIATYPES
+            ),
+            context_from=_choice(
+                data.get("context_from", ""), "context_from", CONTEXT_SOURCES
+            ),
+            client_user=_choice(
+                data.get("client_user", ""), "client_user", CLIENT_USERS
+            ),
+            churn=_choice(data.get("churn", ""), "churn", CHURN_MODES),
         )
         check_context_path(case.dockerfile_name)
         for name, value in case.build_args:
             secrets.check_argument(name, value)
+        for secret_id, source in case.build_secrets:
+            secrets.check_build_secret(secret_id, source)
     except (TypeError, ValueError) as error:
         raise DataFileError(source, f"invalid case: {error}") from None
 
@@ -408,8 +496,11 @@ def load_case(path: Path) -> Case:
 __all__ = [
     "BULK_DIR",
     "CASE_SCHEMA",
+    "COMPRESSIONS",
+    "CONTEXT_SOURCES",
     "DEEP_DIR",
     "DOCKERFILE",
+    "OCI_MEDIATYPES",
     "BulkRecipe",
     "Case",
     "ContextFile",

@@ -320,6 +320,12 @@ def run(
         f"  skipped            {stats.skipped} (their engine could not start)",
         f"  builds per minute  {summary.builds_per_minute:.1f}",
     ]
+    if summary.sequences.sequences:
+        sequences = summary.sequences
+        lines.append(
+            f"  sequences          {sequences.sequences} ({sequences.steps} steps, "
+            f"{sequences.builds + sequences.shrink_builds} builds)"
+        )
     for target, count in sorted(stats.per_target.items()):
         lines.append(f"  cases on {target:<20} {count}")
     for check in summary.regressions:
@@ -528,7 +534,13 @@ def setup(
             )
         chosen = load_profile(profile)
         builders = usable_builders(definitions, chosen)
-        ensure_installed(definitions, names, builders, chosen.dockerfile.bases)
+        ensure_installed(
+            definitions,
+            names,
+            builders,
+            chosen.dockerfile.bases,
+            chosen.build.attestations,
+        )
     except BuildfuzzError as error:
         _fail(error)
     except OSError as error:

@@ -161,3 +161,89 @@ def _times(count: int) -> str:
 def _cell(text: str) -> str:
     """Return ``text`` fit for one Markdown table cell: one line, no bar."""
     return text.replace("\n", "\\n").replace("|", "\\|")
+
+
+def render_sequence_readme(
+    record: FindingRecord,
+    steps: list[str],
+    case: Case,
+    *,
+    environment: dict[str, Any],
+    detail: str,
+    log: str,
+    results_name: str = "results",
+) -> str:
+    """Return the README.md of a sequence finding; ``steps`` describe its steps."""
+    rate = f"{record.reproduced}/{record.attempts} replays"
+    flaky = " (flaky)" if record.flaky else ""
+    engine = environment.get("engine", {})
+    directory = f"{results_name}/{record.id}"
+    lines = [
+        f"# Finding {record.id}",
+        "",
+        f"**{record.phase}**: `{record.message}`",
+        "",
+        "A build sequence: each build step built the case with the builder's",
+        "cache, then with `--no-cache` (from scratch), and the two disagreed at",
+        "the last build step.",
+        "",
+        f"- oracle: {record.oracle}",
+        f"- reproduced: {rate}{flaky}",
+        f"- shrunk: {'yes' if record.shrunk else 'no'}{_shrink_note(record)}",
+        f"- first seen: {record.first_seen}, last seen: {record.last_seen}, "
+        f"seen {_times(record.count)}",
+        f"- found with profile `{record.profile}`, seed {record.seed}",
+        f"- engine {record.engine}, builder {record.builder}",
+        "",
+        "## Steps",
+        "",
+        *[f"{number}. {text}" for number, text in enumerate(steps, start=1)],
+        "",
+        "`steps.json` holds every step with the case after it.",
+        "",
+        "## Versions",
+        "",
+        f"- engine {engine.get('version', '?')} ({engine.get('storage_driver', '?')}), "
+        f"containerd {engine.get('containerd', '?')}",
+        f"- docker CLI {environment.get('docker_cli', '?')}, "
+        f"buildx {environment.get('buildx', '?')}, "
+        f"BuildKit {environment.get('buildkit', '?')}",
+        "",
+        "## Reproduce",
+        "",
+        "`repro.sh` runs the steps in order with docker alone. It prunes the",
+        "whole build cache of the builder, so run it against a throw-away daemon",
+        "(see `buildfuzz sandbox`):",
+        "",
+        "```sh",
+        f"BUILDFUZZ_REPRO_PRUNE=1 {directory}/repro.sh",
+        "```",
+        "",
+        "`buildfuzz replay` builds single cases and does not replay sequences.",
+        "",
+        "Dockerfile at the last step:",
+        "",
+        "```dockerfile",
+        case.dockerfile_text.rstrip(),
+        "```",
+        "",
+        "Context at the last step:",
+        "",
+        "```",
+        context_listing(case) or "(empty)",
+        "```",
+        "",
+        "What differed:",
+        "",
+        "```",
+        *detail.rstrip().splitlines()[:60],
+        "```",
+        "",
+        "End of the build logs:",
+        "",
+        "```",
+        *log.rstrip().splitlines()[-LOG_LINES:],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

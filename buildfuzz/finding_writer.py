@@ -2,14 +2,17 @@
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from buildfuzz.case import Case, load_case
 from buildfuzz.client import ClientTools
+from buildfuzz.engine import SandboxEngine
 from buildfuzz.environment import describe
 from buildfuzz.errors import BuildfuzzError
-from buildfuzz.finding_page import render_finding_readme
+from buildfuzz.external import ExternalEngine
+from buildfuzz.finding_page import render_finding_readme, render_sequence_readme
 from buildfuzz.fuzzer import FindingEvent
 from buildfuzz.profile import Profile
 from buildfuzz.repro import render_repro
@@ -20,6 +23,8 @@ from buildfuzz.results import (
     now,
     write_atomic,
 )
+from buildfuzz.sequence_repro import render_sequence_repro
+from buildfuzz.sequences import SequenceFinding, steps_from_json, steps_json
 from buildfuzz.session import Session
 from buildfuzz.strategies import Target
 
@@ -65,28 +70,14 @@ class FindingWriter:
     def write(self, event: FindingEvent) -> None:
         signature = event.signature
         if not event.new:
-            known = self.store.seen_again(signature.id)
-            if known is not None:
-                target = case_target(event.original.case)
-                if target not in known.seen_on:
-                    known.seen_on = sorted({*known.seen_on, target})
-                    self.store.save(known)
-                self._refresh_readme(known)
-            if signature.id not in self.written.known + self.written.new:
-                self.written.known.append(signature.id)
+            self._seen_again(signature.id, event.original.case)
             return
 
         original = event.original
         shrunk = event.shrunk
         best = shrunk.record if shrunk else original
         engine = self.session.engine(best.case)
-        environment = describe(
-            self.tools.docker(engine.host),
-            engine.info,
-            seed=self.seed,
-            profile=self.profile.name,
-            embedded_buildkit=engine.definition.buildkit,
-        )
+        environment = self._environment(engine)
         timestamp = now()
         record = FindingRecord(
             id=signature.id,
@@ -149,8 +140,103 @@ class FindingWriter:
             shrink_builds=record.shrink_builds,
         )
 
+    def _seen_again(self, finding_id: str, case: Case) -> None:
+        known = self.store.seen_again(finding_id)
+        if known is not None:
+            target = case_target(case)
+            if target not in known.seen_on:
+                known.seen_on = sorted({*known.seen_on, target})
+                self.store.save(known)
+            self._refresh_readme(known)
+        if finding_id not in self.written.known + self.written.new:
+            self.written.known.append(finding_id)
+
+    def _environment(self, engine: SandboxEngine | ExternalEngine) -> dict[str, Any]:
+        """Return the versions and settings that environment.json records."""
+        return describe(
+            self.tools.docker(engine.host),
+            engine.info,
+            seed=self.seed,
+            profile=self.profile.name,
+            embedded_buildkit=engine.definition.buildkit,
+        )
+
+    def write_sequence(self, finding: SequenceFinding) -> None:
+        """Write a sequence finding: its steps, the last case and both builds."""
+        signature = finding.signature
+        last = finding.steps[-1].case
+        if not finding.new:
+            self._seen_again(signature.id, last)
+            return
+
+        engine = self.session.engine(last)
+        environment = self._environment(engine)
+        timestamp = now()
+        record = FindingRecord(
+            id=signature.id,
+            phase=str(signature.phase),
+            message=signature.message,
+            oracle=SEQUENCE_ORACLE,
+            builder=last.builder,
+            engine=last.engine,
+            count=1,
+            first_seen=timestamp,
+            last_seen=timestamp,
+            shrunk=finding.shrunk,
+            shrink_complete=finding.complete,
+            shrink_builds=finding.shrink_builds,
+            reproduced=finding.reproduced,
+            attempts=finding.attempts,
+            flaky=finding.flaky,
+            shrink_interrupted=finding.interrupted,
+            seed=self.seed,
+            profile=self.profile.name,
+            seen_on=[case_target(last)],
+        )
+        build_log = (
+            "== build with the cache ==\n"
+            + finding.cached.result.log
+            + "\n== build from scratch (--no-cache) ==\n"
+            + finding.scratch.result.log
+        )
+        directory = self.store.write(
+            record,
+            {
+                "diff.txt": finding.mismatch.detail,
+                "steps.json": steps_json(finding.steps),
+                "original-steps.json": steps_json(finding.original_steps),
+                "case.json": last.to_json(),
+                "build.log": build_log,
+                "daemon.log": daemon_log(engine),
+                "environment.json": json_text(environment),
+                "repro.sh": render_sequence_repro(
+                    finding.steps, finding.mismatch, timeout=self.build_timeout
+                ),
+                "README.md": render_sequence_readme(
+                    record,
+                    [step.description for step in finding.steps],
+                    last,
+                    environment=environment,
+                    detail=finding.mismatch.detail,
+                    log=build_log,
+                    results_name=self.store.root.name,
+                ),
+            },
+        )
+        self.written.new.append(signature.id)
+        log.info(
+            "sequence finding written",
+            id=signature.id,
+            signature=str(signature),
+            path=str(directory),
+            steps=len(finding.steps),
+        )
+
     def _refresh_readme(self, record: FindingRecord) -> None:
         """Rewrite a known finding's README.md with its new counts."""
+        if record.oracle == SEQUENCE_ORACLE:
+            self._refresh_sequence_readme(record)
+            return
         directory = self.store.finding_dir(record.id)
         try:
             case = load_case(directory / "case.json")
@@ -170,7 +256,29 @@ class FindingWriter:
         )
         write_atomic(directory / "README.md", page)
 
+    def _refresh_sequence_readme(self, record: FindingRecord) -> None:
+        directory = self.store.finding_dir(record.id)
+        try:
+            steps = steps_from_json((directory / "steps.json").read_text())
+            environment = json.loads((directory / "environment.json").read_text())
+            detail = (directory / "diff.txt").read_text(errors="replace")
+            log_text = (directory / "build.log").read_text(errors="replace")
+        except (OSError, ValueError, BuildfuzzError) as error:
+            log.warning("cannot refresh finding README", id=record.id, error=str(error))
+            return
+        page = render_sequence_readme(
+            record,
+            [step.description for step in steps],
+            steps[-1].case,
+            environment=environment,
+            detail=detail,
+            log=log_text,
+            results_name=self.store.root.name,
+        )
+        write_atomic(directory / "README.md", page)
 
+
+SEQUENCE_ORACLE = "sequence"  # finding.json's oracle of a sequence finding
 DAEMON_LOG_BYTES = 256 * 1024  # the end of the daemon's log kept with a finding
 
 

@@ -67,8 +67,14 @@ def go_environment() -> dict[str, str]:
 
 
 def run_go(
-    go: Path, arguments: list[str], purpose: str, cwd: Path | None = None
+    go: Path,
+    arguments: list[str],
+    purpose: str,
+    cwd: Path | None = None,
+    *,
+    check: bool = True,
 ) -> str:
+    """Run ``go`` and return its output; with ``check``, raise SetupError on failure."""
     completed = subprocess.run(
         [str(go), *arguments],
         cwd=cwd,
@@ -78,7 +84,7 @@ def run_go(
         timeout=GO_TIMEOUT,
         check=False,
     )
-    if completed.returncode != 0:
+    if check and completed.returncode != 0:
         detail = (completed.stderr or completed.stdout).strip().splitlines()
         raise SetupError(f"failed to {purpose}: {' | '.join(detail[-5:])}")
     return completed.stdout
@@ -86,12 +92,22 @@ def run_go(
 
 def download_module(go: Path, module: str, version: str) -> dict[str, Any]:
     path = f"{module}@{version}"
+    # A failed download still prints its JSON, whose Error is the clearest text.
     output = run_go(
-        go, ["mod", "download", "-json", path], f"download {path}", cwd=Path("/")
+        go,
+        ["mod", "download", "-json", path],
+        f"download {path}",
+        cwd=Path("/"),
+        check=False,
     )
-    downloaded: dict[str, Any] = json.loads(output)
+    try:
+        downloaded: dict[str, Any] = json.loads(output)
+    except json.JSONDecodeError:
+        run_go(go, ["mod", "download", path], f"download {path}", cwd=Path("/"))
+        raise SetupError(f"failed to download {path}: no JSON from go") from None
     if downloaded.get("Error") or not downloaded.get("Dir"):
-        raise SetupError(f"failed to download {path}: {downloaded.get('Error')}")
+        error = " ".join(str(downloaded.get("Error")).split())
+        raise SetupError(f"failed to download {path}: {error}")
     return downloaded
 
 

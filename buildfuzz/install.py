@@ -27,12 +27,14 @@ def ensure_installed(
     engines: list[str],
     builders: list[str] | None = None,
     bases: Iterable[str] = (),
+    attestations: Iterable[str] = (),
 ) -> None:
     """Download and unpack the client, ``engines`` and the busybox base.
 
     The BuildKit versions of ``builders`` are compiled too (minutes each on
-    the first call, then cached), and what publishing the registry
-    ``bases`` needs.
+    the first call, then cached), what publishing the registry ``bases``
+    needs, and the SBOM scanner when ``attestations`` (values of
+    case.ATTESTATIONS) ask for SBOMs.
     """
     if os.geteuid() != 0:
         raise SetupError("buildfuzz setup needs root: run it with sudo or as root")
@@ -77,6 +79,17 @@ def ensure_installed(
     from buildfuzz.base_publisher import ensure_base_parts
 
     ensure_base_parts(bases)
+    from buildfuzz.sbom_scanner import ensure_scanner_binary, needs_scanner
+
+    if any(needs_scanner(value) for value in attestations):
+        log.info("building the sbom scanner if not cached")
+        try:
+            ensure_scanner_binary()
+        except SetupError as error:
+            # Runs skip the SBOM cases then, and say why once.
+            log.warning(
+                "sbom scanner not built; sbom cases will be skipped", error=str(error)
+            )
 
 
 def builder_problem(definitions: Definitions, name: str) -> str | None:

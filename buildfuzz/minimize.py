@@ -33,6 +33,13 @@ CASE_OPTIONS = (
     "tags",
     "cache",
     "attest",
+    "build_secrets",
+    "compression",
+    "force_compression",
+    "oci_mediatypes",
+    "context_from",
+    "client_user",
+    "churn",
 )
 
 # Attributes of a context file that a step resets to the profile's default.
@@ -147,6 +154,10 @@ def simplifications(
     for index, argument in enumerate(case.build_args):
         kept_args = case.build_args[:index] + case.build_args[index + 1 :]
         yield f"remove build arg {argument!r}", replace(case, build_args=kept_args)
+    for index, (secret_id, _) in enumerate(case.build_secrets):
+        kept_secrets = case.build_secrets[:index] + case.build_secrets[index + 1 :]
+        label = f"remove build secret {secret_id!r}"
+        yield label, replace(case, build_secrets=kept_secrets)
     for target in targets[:1]:
         if (case.engine, case.builder) != (target.engine, target.builder):
             moved = replace(case, engine=target.engine, builder=target.builder)

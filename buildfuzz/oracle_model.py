@@ -45,10 +45,11 @@ from pathlib import PurePosixPath
 from buildfuzz.base_formats import FORMATS_BY_IMAGE
 from buildfuzz.bulk import BULK_MTIME_NS, DIR_MODE, FILE_MODE, bulk_dirs, bulk_files
 from buildfuzz.case import Case, FileKind, Output
+from buildfuzz.churn import churn_target
 from buildfuzz.context import archive_content, file_content
 from buildfuzz.oracle_ignore import IgnoreMatcher, UnsupportedPattern, read_ignore_file
 from buildfuzz.oracle_tree import Node, NodeType, Tree, content_digest
-from buildfuzz.strategies_dockerfile import BUSYBOX_IMAGE
+from buildfuzz.strategies_dockerfile import BUSYBOX_IMAGE, SECRET_RUN_PATTERN
 
 # RUN steps of the generator (strategies_dockerfile.FIXED_INSTRUCTIONS) and
 # the paths each may write or leave behind as mount points.
@@ -141,6 +142,12 @@ def context_sources(case: Case, *, classic: bool = False) -> dict[str, Source]:
             )
         else:
             sources[entry.path] = Source(NodeType.OTHER, None)
+    churned = churn_target(case.files) if case.churn else None
+    for path, source in list(sources.items()):
+        if churned is not None and source.inode == churned:
+            # Changed while the client sent it (hardlinks of it too): any
+            # size, content or mtime.
+            sources[path] = replace(source, size=None, digest=None, mtime_ns=None)
     if case.bulk is not None:
         for directory in bulk_dirs(case.bulk):
             sources[directory] = Source(NodeType.DIR, DIR_MODE, mtime_ns=BULK_MTIME_NS)
@@ -220,6 +227,10 @@ class _Copy:
 def expected_tree(case: Case, options: ModelOptions | None = None) -> Tree:
     """Return the tree ``case`` must build; raise Unmodelled when it can't say."""
     options = options or ModelOptions(owners=case.output is not Output.LOCAL)
+    if case.context_from:
+        # NOTE: not modelled: with a context from stdin the builders treat
+        # .dockerignore and the Dockerfile differently (see README.md).
+        raise Unmodelled(f"a context from stdin ({case.context_from})")
     sources = context_sources(case, classic=options.classic)
     stages = _split_stages(case.dockerfile)
     names = [name for name, _, _ in stages]
@@ -236,9 +247,11 @@ def expected_tree(case: Case, options: ModelOptions | None = None) -> Tree:
     nodes = {path: node for path, node in stage.nodes.items() if path != "/"}
     opaque = set(stage.opaque)
     if case.attest and case.output in (Output.TAR, Output.LOCAL):
-        # BuildKit writes the attestation beside the file system (measured
-        # with v0.34); its content is the builder's, not the case's.
+        # BuildKit writes the attestations beside the file system (measured
+        # with v0.34, and v0.12 and v0.15 for the SBOM); their content is the
+        # builder's, not the case's.
         opaque.add("/provenance.json")
+        opaque.add("/sbom.spdx.json")
     return Tree(nodes=nodes, closed=stage.closed, opaque=opaque)
 
 
@@ -288,6 +301,9 @@ def _apply(
 ) -> None:
     if element in KNOWN_RUNS:
         stage.opaque.update(KNOWN_RUNS[element])
+        return
+    if SECRET_RUN_PATTERN.match(element):
+        stage.opaque.add("/run")  # the mount point of the secret
         return
     if element.startswith("COPY <<"):
         destination = element.split("\n", 1)[0].split()[-1]

@@ -1,19 +1,23 @@
-"""The secret oracle: a secret build argument must not end up in what a build makes.
+"""The secret oracle: no secret value may end up in what a build makes.
 
-Build arguments given as ``env:NAME`` are secrets (``buildfuzz.secrets``).
-After a successful build of a case that has any, the oracle looks for each
-raw value in:
+Build arguments given as ``env:NAME`` and build secrets (``--secret``) are
+secrets (``buildfuzz.secrets``). After a successful build of a case that
+has any, the oracle looks for each raw value in:
 
 * a loaded image: its config (``docker image inspect``), its history
   (``docker history --no-trunc``) and its layers (``docker image save``);
 * a type=docker tar: the same parts, read from the tar;
-* type=tar and type=local: every file's content, name and link target.
+* type=tar and type=local: every file's content, name and link target;
+* a pushed image: its config and its gzip or uncompressed layers, read
+  from the registry (``find_pushed_leaks``).
 
 A value found is a finding, unless an expected-failure rule explains the
 message: Docker documents that a build argument consumed by a RUN step is
 recorded in the image history (rule ``build-arg-in-history`` in
-``strategies/rules/expected.toml``). Reports name where the value was and
-which argument it belongs to, never the value.
+``strategies/rules/expected.toml``). No rule explains a build secret's
+value in an output: BuildKit mounts it for a RUN step and keeps it out of
+layers, cache and history. Reports name where the value was and which
+argument or secret it belongs to, never the value.
 """
 
 import bz2
@@ -33,6 +37,7 @@ from python_on_whales import DockerClient
 from buildfuzz import secrets
 from buildfuzz.build import IMAGE_NAME, tag_for
 from buildfuzz.case import Case, Output
+from buildfuzz.oracle_push import PushedImage
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.verdict import Oracle, OracleReport
 
@@ -47,18 +52,27 @@ _DECOMPRESSORS = (
 @dataclass(frozen=True)
 class Leak:
     where: str  # "image config", "image history", "image layer" or "output files"
-    argument: str  # the build argument's name
+    # What the value belongs to: "secret build argument NAME" or "build secret ID".
+    source: str
     detail: str  # the file or field, without the value
 
 
-def secret_arguments(case: Case) -> dict[str, str]:
-    """Return the case's secret build arguments, by name, with their values."""
+BUILD_SECRET = "build secret"
+
+
+def secret_values(case: Case) -> dict[str, str]:
+    """Return the values of the case's secret build arguments and build secrets.
+
+    Each is keyed by what it belongs to, as Leak.source names it.
+    """
     found = {}
     for name, value in case.build_args:
         if value.startswith(secrets.ENV_PREFIX):
             raw = secrets.resolve(value)
             if len(raw) >= secrets.MIN_LENGTH:
-                found[name] = raw
+                found[f"secret build argument {name}"] = raw
+    for secret_id, _ in case.build_secrets:
+        found[f"{BUILD_SECRET} {secret_id}"] = secrets.build_secret_value(secret_id)
     return found
 
 
@@ -94,17 +108,43 @@ def find_leaks(
     return leaks
 
 
+def find_pushed_leaks(reference: str, values: dict[str, str]) -> list[Leak]:
+    """Look for every secret value in the image pushed to ``reference``.
+
+    Layers are read when they are gzip or plain tars; Python's standard
+    library has no zstd, so a zstd layer is left out.
+    """
+    image = PushedImage(reference)
+    leaks: list[Leak] = []
+    for manifest in image.image_manifests():
+        config = _config(image.blob(str(manifest["config"]["digest"])))
+        if config is not None:
+            history = json.dumps(config.pop("history", []))
+            leaks += _scan_text(history, values, "image history", "pushed config")
+            text = json.dumps(config)
+            leaks += _scan_text(text, values, "image config", "pushed config")
+        for layer in manifest.get("layers", []):
+            data = _decompressed(image.blob(str(layer["digest"])))
+            if _is_tar(data):
+                with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+                    leaks += _scan_tar(archive, values, "image layer")
+    return leaks
+
+
 def secret_report(leaks: list[Leak]) -> OracleReport | None:
     if not leaks:
         return None
-    places = sorted({leak.where for leak in leaks})
+    # A build secret's leak is reported apart, so that the rules about build
+    # arguments (messages "secret value in ...") never explain it.
+    secret_leaks = [leak for leak in leaks if leak.source.startswith(BUILD_SECRET)]
+    prefix = f"{BUILD_SECRET} value" if secret_leaks else "secret value"
+    places = sorted({leak.where for leak in secret_leaks or leaks})
     detail = "\n".join(
-        f"secret build argument {leak.argument} found in {leak.where}: {leak.detail}"
-        for leak in leaks
+        f"{leak.source} found in {leak.where}: {leak.detail}" for leak in leaks
     )
     return OracleReport(
         Oracle.SECRET,
-        Signature(Phase.RESULT, f"secret value in {', '.join(places)}"),
+        Signature(Phase.RESULT, f"{prefix} in {', '.join(places)}"),
         detail + "\n",
     )
 
@@ -221,4 +261,11 @@ def _is_tar(data: bytes) -> bool:
     return len(data) >= 512 and data[257:262] == b"ustar"
 
 
-__all__ = ["IMAGE_NAME", "Leak", "find_leaks", "secret_arguments", "secret_report"]
+__all__ = [
+    "IMAGE_NAME",
+    "Leak",
+    "find_leaks",
+    "find_pushed_leaks",
+    "secret_report",
+    "secret_values",
+]

@@ -24,15 +24,21 @@ import structlog
 from python_on_whales import DockerClient, DockerException
 
 from buildfuzz.build import BuildResult
-from buildfuzz.case import Case
+from buildfuzz.case import Case, Output
 from buildfuzz.definitions import Definitions
 from buildfuzz.engine import SandboxEngine
 from buildfuzz.errors import BuildfuzzError
 from buildfuzz.oracle_diff import Pair, counterpart, differential_report, parse_pairs
 from buildfuzz.oracle_health import EngineHealth, Snapshot
 from buildfuzz.oracle_known import KnownDifference, load_known_differences
+from buildfuzz.oracle_push import FETCH_ERRORS, push_report
 from buildfuzz.oracle_result import model, read_result, tree_report
-from buildfuzz.oracle_secret import find_leaks, secret_arguments, secret_report
+from buildfuzz.oracle_secret import (
+    find_leaks,
+    find_pushed_leaks,
+    secret_report,
+    secret_values,
+)
 from buildfuzz.oracle_tree import Tree
 from buildfuzz.verdict import OracleReport
 
@@ -87,6 +93,9 @@ class CaseChecks:
             return
         settings = self.suite.settings
         try:
+            if self.case.output is Output.PUSH:
+                self._check_push(result)
+                return
             if settings.tree or settings.differential:
                 self._check_tree(result, case_dir)
             if settings.secret:
@@ -95,6 +104,23 @@ class CaseChecks:
             # An oracle that cannot look is no finding; the case says so.
             result.notes.append(f"oracle could not inspect the build: {error}")
             log.warning("oracle could not inspect the build", error=str(error)[:300])
+
+    def _check_push(self, result: BuildResult) -> None:
+        """Check the manifests of a pushed image, and scan it for secrets."""
+        # NOTE: the files of a pushed image are not compared with the model.
+        result.notes.append("tree oracle: a pushed image's files are not compared")
+        if not result.pushed:
+            return
+        settings = self.suite.settings
+        values = secret_values(self.case) if settings.secret else {}
+        try:
+            reports = [push_report(self.case, result.pushed)] if settings.tree else []
+            if values:
+                reports.append(secret_report(find_pushed_leaks(result.pushed, values)))
+        except FETCH_ERRORS as error:
+            result.notes.append(f"oracle could not read the pushed image: {error}")
+            return
+        self.reports += [report for report in reports if report is not None]
 
     def _check_tree(self, result: BuildResult, case_dir: Path) -> None:
         classic = self.suite.definitions.builders[self.case.builder].classic
@@ -114,7 +140,7 @@ class CaseChecks:
             self.reports.append(report)
 
     def _check_secrets(self, result: BuildResult, case_dir: Path) -> None:
-        values = secret_arguments(self.case)
+        values = secret_values(self.case)
         if not values:
             return
         report = secret_report(find_leaks(self.case, case_dir, self.docker, values))

@@ -18,7 +18,12 @@ from buildfuzz.case import (
     ATTESTATIONS,
     BULK_DIR,
     CACHE_MODES,
+    CHURN_MODES,
+    CLIENT_USERS,
+    COMPRESSIONS,
+    CONTEXT_SOURCES,
     DEEP_DIR,
+    OCI_MEDIATYPES,
     FileKind,
     Output,
 )
@@ -116,6 +121,23 @@ class BuildAxes:
     tags: tuple[tuple[str, ...], ...] = ((),)  # extra tags of a loaded image
     caches: tuple[str, ...] = ("",)  # see CACHE_MODES
     attestations: tuple[str, ...] = ("",)  # see ATTESTATIONS
+    # Sets of build secrets (--secret), each secret an id and "env" or "file".
+    secrets: tuple[tuple[tuple[str, str], ...], ...] = ((),)
+    # Options of the "push" output: see COMPRESSIONS and OCI_MEDIATYPES.
+    compressions: tuple[str, ...] = ("",)
+    force_compression: tuple[bool, ...] = (False,)
+    oci_mediatypes: tuple[str, ...] = ("",)
+    context_from: tuple[str, ...] = ("",)  # see CONTEXT_SOURCES
+    client_users: tuple[str, ...] = ("",)  # see CLIENT_USERS
+    churn: tuple[str, ...] = ("",)  # see CHURN_MODES
+
+
+@dataclass(frozen=True)
+class SequenceSettings:
+    """How much of a run goes to build sequences (``buildfuzz.sequences``)."""
+
+    share: float = 0.0  # fraction of the run's budget; 0 turns sequences off
+    max_steps: int = 8  # rule calls per sequence, its first (start) step included
 
 
 @dataclass(frozen=True)
@@ -130,6 +152,7 @@ class Profile:
     context: ContextAxes
     dockerfile: DockerfileAxes
     build: BuildAxes
+    sequences: SequenceSettings = SequenceSettings()
 
 
 def resolve_profile_path(name: str) -> Path:
@@ -178,7 +201,7 @@ def _rules_name(profile: Path, rules: str) -> str:
 
 def _profile_from_dict(path: Path, data: dict[str, Any]) -> Profile:
     allowed = {"description", "rules", "engines", "builders", "context", "engine"}
-    allowed |= {"dockerfile", "build"}
+    allowed |= {"dockerfile", "build", "sequences"}
     _reject_unknown(data, allowed, "top level")
 
     engine = _section(data, "engine", EngineAxes)
@@ -201,7 +224,36 @@ def _profile_from_dict(path: Path, data: dict[str, Any]) -> Profile:
         context=context,
         dockerfile=dockerfile,
         build=build,
+        sequences=_sequence_settings(data.get("sequences", {})),
     )
+
+
+MAX_SEQUENCE_STEPS = 50  # each build step builds twice, so longer ones take minutes
+
+
+def _sequence_settings(section: Any) -> SequenceSettings:
+    if not isinstance(section, dict):
+        raise TypeError("[sequences] must be a table")
+    _reject_unknown(section, {"share", "max_steps"}, "[sequences]")
+    share = section.get("share", SequenceSettings.share)
+    if (
+        isinstance(share, bool)
+        or not isinstance(share, int | float)
+        or not 0 <= share <= 1
+    ):
+        raise ValueError(
+            f"sequences.share: {share!r} is not a fraction of the budget; "
+            "use a number from 0 (no sequences) to 1"
+        )
+    steps = section.get("max_steps", SequenceSettings.max_steps)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(f"sequences.max_steps: {steps!r} is not an integer")
+    if not 2 <= steps <= MAX_SEQUENCE_STEPS:
+        raise ValueError(
+            f"sequences.max_steps: {steps} is out of range; use 2 (a start and "
+            f"one build) to {MAX_SEQUENCE_STEPS}"
+        )
+    return SequenceSettings(share=float(share), max_steps=steps)
 
 
 def _section(data: dict[str, Any], name: str, axes_type: type) -> Any:
@@ -238,7 +290,9 @@ def _convert(label: str, key: str, raw: Any) -> Any:
             pairs.append((str(pair[0]), str(pair[1])))
             secrets.check_argument(*pairs[-1])
         return tuple(pairs)
-    if key in ("containerd_store", "dockerfile_dockerignore", "no_cache"):
+    if key in ("containerd_store", "dockerfile_dockerignore", "no_cache") or (
+        key == "force_compression"
+    ):
         if not all(isinstance(value, bool) for value in raw):
             raise ValueError(f"{label} must be a list of true and false")
         return tuple(raw)
@@ -261,25 +315,36 @@ def _convert(label: str, key: str, raw: Any) -> Any:
         return tuple(_device(value, label) for value in raw)
     if key == "xattrs":
         return tuple(_xattr_set(value, label) for value in raw)
+    if key == "secrets":
+        return tuple(_secret_set(value, label) for value in raw)
     if key == "names":
         return tuple(_file_name(value, label) for value in raw)
     if key == "paths":
         return tuple(_dockerfile_path(value, label) for value in raw)
     if key == "tags":
         return tuple(_string_tuple(value, label) for value in raw)
-    if key == "bases":
-        return tuple(_choice(value, BASES, label) for value in raw)
-    if key == "instructions":
-        return tuple(_choice(value, INSTRUCTION_KINDS, label) for value in raw)
-    if key == "targets":
-        return tuple(_choice(value, TARGETS, label) for value in raw)
-    if key == "caches":
-        return tuple(_choice(value, CACHE_MODES, label) for value in raw)
-    if key == "attestations":
-        return tuple(_choice(value, ATTESTATIONS, label) for value in raw)
+    if key in CHOICES:
+        return tuple(_choice(value, CHOICES[key], label) for value in raw)
+    if key == "oci_mediatypes":
+        # TOML true and false mean the option's values "true" and "false".
+        words = [str(v).lower() if isinstance(v, bool) else v for v in raw]
+        return tuple(_choice(value, OCI_MEDIATYPES, label) for value in words)
 
     return _string_tuple(raw, label)
 
+
+# Pools whose values are names from a fixed list.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "bases": BASES,
+    "instructions": INSTRUCTION_KINDS,
+    "targets": TARGETS,
+    "caches": CACHE_MODES,
+    "attestations": ATTESTATIONS,
+    "context_from": CONTEXT_SOURCES,
+    "client_users": CLIENT_USERS,
+    "churn": CHURN_MODES,
+    "compressions": COMPRESSIONS,
+}
 
 # Inclusive bounds of integer pools. Values beyond them only make builds slow.
 RANGES = {
@@ -357,6 +422,22 @@ def _xattr_set(value: Any, label: str) -> tuple[tuple[str, str], ...]:
     if size > MAX_XATTR_BYTES:
         raise ValueError(f"{label}: names and values exceed {MAX_XATTR_BYTES} bytes")
     return tuple(pairs)
+
+
+def _secret_set(value: Any, label: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        example = '{ token = "env" }'
+        raise ValueError(
+            f"{label} entries must be tables of ids and sources, such as {example}"
+        )
+    pairs = []
+    for secret_id, source in value.items():
+        try:
+            secrets.check_build_secret(secret_id, source)
+        except ValueError as error:
+            raise ValueError(f"{label}: {error}") from None
+        pairs.append((secret_id, source))
+    return tuple(sorted(pairs))  # the order a case's JSON keeps
 
 
 def _dockerfile_path(value: Any, label: str) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -24,9 +25,11 @@ from buildfuzz.errors import (
 )
 from buildfuzz.install import CLIENT_TREE, ensure_installed
 from buildfuzz.packages import tree_path
+from buildfuzz.profile import load_profile
 from buildfuzz.results import ResultsStore
 from buildfuzz.rootless import rootless_problem
 from buildfuzz.rules import load_rules
+from buildfuzz.sequences import Step, replay_steps, steps_from_json
 from buildfuzz.session import EngineUnavailable, Session
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.workdir import DEFAULT_BASE, create_run_dir, remove_tree
@@ -74,6 +77,19 @@ def expected_signature(path: Path) -> Signature | None:
         return Signature(Phase(data["phase"]), str(data["message"]))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataFileError(finding, f"invalid finding record: {error}") from None
+
+
+def load_steps(path: Path) -> list[Step] | None:
+    """Read the steps of a sequence finding that ``path`` belongs to, if it is one."""
+    directory = path if path.is_dir() else path.parent
+    steps = directory / "steps.json"
+    if not steps.exists():
+        return None
+    try:
+        text = steps.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataFileError(steps, f"cannot read the steps: {error}") from None
+    return steps_from_json(text, source=steps)
 
 
 class Replayer:
@@ -139,19 +155,25 @@ class Replayer:
             remove_tree(self._run_dir)
 
     def replay(
-        self, name: str, case: Case, expected: Signature | None, runs: int
+        self,
+        name: str,
+        case: Case,
+        expected: Signature | None,
+        steps: list[Step] | None,
+        runs: int,
     ) -> ReplayReport:
+        """Build ``case`` (or run a sequence finding's ``steps``) ``runs`` times."""
         assert self._session is not None, "use Replayer as a context manager"
         report = ReplayReport(name=name, expected=expected, runs=runs)
         for attempt in range(1, runs + 1):
+            started = time.monotonic()
             try:
-                record = self._session.execute(case)
+                signature = self._attempt(case, steps)
             except EngineUnavailable as error:
                 raise EngineError(
                     f"the case's engine {error.label} cannot start here: "
                     f"{error.reason.splitlines()[-1]}"
                 ) from None
-            signature = record.evaluation.signature
             report.signatures.append(str(signature) if signature else "pass")
             matched = signature is not None and (
                 expected is None or signature == expected
@@ -163,9 +185,17 @@ class Replayer:
                 attempt=attempt,
                 reproduced=matched,
                 signature=str(signature) if signature else "pass",
-                seconds=round(record.result.duration, 2),
+                seconds=round(time.monotonic() - started, 2),
             )
         return report
+
+    def _attempt(self, case: Case, steps: list[Step] | None) -> Signature | None:
+        """Return the signature of one replay: a build's, or a sequence's mismatch."""
+        assert self._session is not None
+        if steps is None:
+            return self._session.execute(case).evaluation.signature
+        mismatch = replay_steps(self._session, steps, load_profile("default"))
+        return None if mismatch is None else mismatch.signature
 
 
 def replay_path(
@@ -175,10 +205,11 @@ def replay_path(
     _check_runs(runs)
     case = load_case(path)
     expected = expected_signature(path)
+    steps = load_steps(path)
     replayer = Replayer(build_timeout=build_timeout, workdir=workdir)
     replayer.check(case)
     with replayer:
-        return replayer.replay(str(path), case, expected, runs)
+        return replayer.replay(str(path), case, expected, steps, runs)
 
 
 def replay_all(
@@ -202,11 +233,16 @@ def replay_all(
     ResultsStore.check(results)
     findings = sorted(path.parent for path in results.glob("*/finding.json"))
     loaded = [
-        (directory.name, load_case(directory), expected_signature(directory))
+        (
+            directory.name,
+            load_case(directory),
+            expected_signature(directory),
+            load_steps(directory),
+        )
         for directory in findings
     ]
     replayer = Replayer(build_timeout=build_timeout, workdir=workdir)
-    for _, case, _ in loaded:
+    for _, case, _, _ in loaded:
         replayer.check(case)
     if not loaded:
         return []
@@ -225,7 +261,7 @@ def check_jobs(jobs: int) -> None:
         raise UsageError(f"invalid --jobs {jobs}; use a number from 1 to {MAX_JOBS}")
 
 
-_Finding = tuple[str, Case, Signature | None]
+_Finding = tuple[str, Case, Signature | None, list[Step] | None]
 
 
 @dataclass
@@ -271,7 +307,7 @@ def _replay_in_parallel(
         if outcome.error:
             raise BuildfuzzError(outcome.error)
         reports.update((report.name, report) for report in outcome.reports)
-    return [reports[name] for name, _, _ in loaded]
+    return [reports[name] for name, _, _, _ in loaded]
 
 
 def _replay_share(
@@ -284,7 +320,7 @@ def _replay_share(
 ) -> _ShareOutcome:
     """Replay some findings on engines of this process (a forked worker)."""
     outcome = _ShareOutcome()
-    names = [name for name, _, _ in findings]
+    names = [name for name, _, _, _ in findings]
     log.info("replay worker started", worker=worker, pid=os.getpid(), findings=names)
     try:
         with Replayer(build_timeout=build_timeout, workdir=workdir) as replayer:

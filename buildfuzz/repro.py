@@ -7,6 +7,8 @@ runs the same docker command that buildfuzz ran, and checks the log for
 the finding's error message. A registry base (``base_formats``) is built
 again from another payload and pushed to the registry that BASE_REGISTRY
 names; without that variable the script prints what to set and exits 2.
+The same holds for a case with an SBOM attestation and SBOM_GENERATOR, the
+generator image that its ``--sbom`` flag names.
 
 Besides bash and coreutils, a case with extended attributes needs
 ``setfattr`` (Debian package ``attr``); the script checks for it first. A
@@ -27,24 +29,31 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from buildfuzz import secrets
 from buildfuzz.base_formats import TAG, BaseFormat, formats_in
 from buildfuzz.base_publisher import write_base_context
 from buildfuzz.baseimage import busybox_rootfs_tar
-from buildfuzz.build import IMAGE_NAME
+from buildfuzz.build import IMAGE_NAME, PUSH_REPOSITORY, push_output, tar_command
 from buildfuzz.bulk import BULK_MTIME_NS
 from buildfuzz.bulk import shell_commands as bulk_shell_commands
 from buildfuzz.case import BulkRecipe, Case, ContextFile, FileKind, Output
+from buildfuzz.churn import churn_target
 from buildfuzz.context import archive_content, content_block
 from buildfuzz.definitions import BuilderDefinition
+from buildfuzz.sbom_scanner import SCANNER_MODULE, SCANNER_VERSION, needs_scanner
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
 
 PAYLOAD_MARKER = "__BUSYBOX_ROOTFS_BASE64__"
+# The variable that names the SBOM generator image of a case with an SBOM.
+SBOM_VARIABLE = "SBOM_GENERATOR"
 BASE_PAYLOAD_MARKER = "__BUILDFUZZ_BASE_CONTEXT_BASE64__"
 BASE_PAYLOAD_END = "__BUILDFUZZ_BASE_CONTEXT_END__"
 # Paths longer than this many bytes are reached with a chain of cd commands,
 # because "$ctx" plus the path could pass PATH_MAX (4096 bytes).
 LONG_PATH_BYTES = 1024
+# The value of a secret whose variable the user of repro.sh did not set.
+PLACEHOLDER_SECRET = "buildfuzz-placeholder-secret"
 _PLACEHOLDER = re.compile(
     r'"<q>"|\'<q>\'|<(?:n|digest|id|path|ref|time|dur|q|uuid|image|name)>'
 )
@@ -76,6 +85,21 @@ def ansi_quote(text: str) -> str:
     return "$'" + "".join(out) + "'"
 
 
+# A shell function that writes a context file's content; it uses $work.
+FILL_FUNCTION = (
+    "fill() {  # fill PATH SIZE BLOCK: BLOCK repeated up to SIZE bytes",
+    '  printf "$3" > "$work/block"',
+    '  : > "$work/big"',
+    '  while [ "$(stat -c %s "$work/big")" -lt "$2" ]; do',
+    '    cat "$work/block" >> "$work/big"',
+    '    cat "$work/big" "$work/big" > "$work/twice"',
+    '    mv "$work/twice" "$work/big"',
+    "  done",
+    '  head -c "$2" "$work/big" > "$1"',
+    "}",
+)
+
+
 def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
     """Return the text of ``repro.sh`` for ``case`` failing with ``signature``."""
     uses_busybox = any(BUSYBOX_IMAGE in line for line in case.dockerfile)
@@ -98,16 +122,7 @@ def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
         "}",
         "trap cleanup EXIT",
         "",
-        "fill() {  # fill PATH SIZE BLOCK: BLOCK repeated up to SIZE bytes",
-        '  printf "$3" > "$work/block"',
-        '  : > "$work/big"',
-        '  while [ "$(stat -c %s "$work/big")" -lt "$2" ]; do',
-        '    cat "$work/block" >> "$work/big"',
-        '    cat "$work/big" "$work/big" > "$work/twice"',
-        '    mv "$work/twice" "$work/big"',
-        "  done",
-        '  head -c "$2" "$work/big" > "$1"',
-        "}",
+        *FILL_FUNCTION,
         "",
         'ctx="$work/context"',
         'mkdir "$ctx"',
@@ -119,7 +134,11 @@ def render_repro(case: Case, signature: Signature, *, timeout: float) -> str:
         lines += _busybox_import()
     if bases:
         lines += _registry_base_commands(case, bases)
+    elif case.output is Output.PUSH:
+        lines += _registry_check("the case pushes its image there")
 
+    lines += _sbom_check(case)
+    lines += _secret_commands(case)
     lines += ["", *_build_commands(case, timeout), *_verdict(signature)]
     script = "\n".join(lines) + "\n"
     # The base payload goes first: the busybox one runs to the end of the file.
@@ -301,13 +320,9 @@ def _registry_base_commands(case: Case, bases: list[BaseFormat]) -> list[str]:
     lines = [
         "",
         f"# The case builds FROM registry bases that buildfuzz made: {names}.",
-        'if [ -z "${BASE_REGISTRY:-}" ]; then',
-        "  echo 'repro.sh: set BASE_REGISTRY to a registry on this machine that",
-        "docker pushes to and pulls from over plain HTTP (for example",
-        "localhost:5000); the script builds the base images again and pushes",
-        "them there' >&2",
-        "  exit 2",
-        "fi",
+        *_registry_check(
+            "the script builds the base images again and pushes them there"
+        ),
     ]
     if any(base.authenticated for base in bases):
         lines.append(
@@ -344,6 +359,33 @@ def _registry_base_commands(case: Case, bases: list[BaseFormat]) -> list[str]:
     return lines
 
 
+def _registry_check(why: str) -> list[str]:
+    return [
+        'if [ -z "${BASE_REGISTRY:-}" ]; then',
+        "  echo 'repro.sh: set BASE_REGISTRY to a registry on this machine that",
+        "docker pushes to and pulls from over plain HTTP (for example",
+        f"localhost:5000); {why}' >&2",
+        "  exit 2",
+        "fi",
+    ]
+
+
+def _sbom_check(case: Case) -> list[str]:
+    """Require the SBOM generator image that the case's --sbom flag names."""
+    if not needs_scanner(case.attest):
+        return []
+    return [
+        "",
+        f'if [ -z "${{{SBOM_VARIABLE}:-}}" ]; then',
+        f"  echo 'repro.sh: set {SBOM_VARIABLE} to an SBOM generator image that",
+        "the builder can pull, such as docker/buildkit-syft-scanner (buildfuzz",
+        f"built {SCANNER_MODULE} {SCANNER_VERSION}); the case makes an SBOM",
+        "attestation' >&2",
+        "  exit 2",
+        "fi",
+    ]
+
+
 def _base_payload(bases: list[BaseFormat]) -> str:
     platforms = tuple(sorted({p for base in bases for p in base.platforms}))
     with tempfile.TemporaryDirectory() as directory:
@@ -377,11 +419,84 @@ def build_command(case: Case, *, classic: bool) -> list[str]:
             command += ["--output", "type=oci,dest=$work/image-oci.tar"]
         elif case.output is Output.DOCKER_TAR:
             command += ["--output", "type=docker,dest=$work/image.tar,name=$image"]
+        elif case.output is Output.PUSH:
+            reference = f"$BASE_REGISTRY/{PUSH_REPOSITORY}:repro"
+            output = push_output(case, reference)
+            command += ["--output", ",".join(f"{k}={v}" for k, v in output.items())]
     if case.platform:
         command += ["--platform", case.platform]
     for name, value in case.build_args:
-        command += ["--build-arg", f"{name}={value}"]
-    return [*command, *case.option_arguments("$ctx"), "$ctx"]
+        if secrets.is_reference(value):
+            # _secret_commands exports NAME, which docker reads for a bare NAME.
+            command += ["--build-arg", name]
+        else:
+            command += ["--build-arg", f"{name}={value}"]
+    options = case.option_arguments("$ctx", sbom_generator=f"${SBOM_VARIABLE}")
+    return [*command, *options, case.context_argument("$ctx")]
+
+
+def _secret_commands(case: Case) -> list[str]:
+    """Set the secret build arguments and build secrets that the build reads.
+
+    buildfuzz read a secret build argument ``env:VAR`` from VAR and made up
+    the build secrets' values; the script reads the same variables (VAR, and
+    BUILDFUZZ_SECRET_<id> for a build secret) and uses a placeholder for
+    each one that is not set. No value is written into the script.
+    """
+    lines = []
+    for name, value in case.build_args:
+        if secrets.is_reference(value):
+            variable = value.removeprefix(secrets.ENV_PREFIX)
+            lines.append(f'export {name}="${{{variable}:-{PLACEHOLDER_SECRET}}}"')
+    for secret_id, source in case.build_secrets:
+        variable = secrets.secret_variable(secret_id)
+        lines.append(f'export {variable}="${{{variable}:-{PLACEHOLDER_SECRET}}}"')
+        if source == "file":
+            path = secrets.secret_file("$ctx", secret_id)
+            lines.append('mkdir -p "$ctx.secrets" && chmod 700 "$ctx.secrets"')
+            lines.append(f'printf %s "${variable}" > "{path}"')
+    if lines:
+        lines.insert(0, "# Secrets: set these variables to use values of your own.")
+        lines.insert(0, "")
+    return lines
+
+
+def _churn_commands(case: Case) -> list[str]:
+    """Return the lines that change a context file while the build runs."""
+    target = churn_target(case.files) if case.churn else None
+    if target is None:
+        return []
+    path = f'"$ctx"/{ansi_quote(target)}'
+    if case.churn == "append":
+        change = f"head -c 4098 /dev/zero >> {path}"
+    else:
+        # Empty the file and fill it again a block at a time.
+        change = (
+            f"size=$(stat -c %s {path}); : > {path}; "
+            'for _ in $(seq 0 4098 "$size"); do '
+            f"head -c 4098 /dev/zero >> {path}; done"
+        )
+    return [
+        f"# The case changes {target} ({case.churn}) while the client sends it.",
+        f"( while :; do {change}; sleep 0.005; done ) &",
+        "churn=$!",
+    ]
+
+
+def _client_user_commands(user: str) -> list[str]:
+    """Return the lines that let ``user`` run the client, as the case's did."""
+    quoted = shlex.quote(user)
+    return [
+        f"# The case's client runs as user {user}, not root. The user must exist",
+        "# and may use the daemon (as a member of the docker group may).",
+        f"if ! id -u {quoted} >/dev/null 2>&1; then",
+        f'  echo "repro.sh: user {user} not found; create it, for example with" \\',
+        f'    "useradd --system {user}, and let it use the daemon" >&2',
+        "  exit 2",
+        "fi",
+        'mkdir -p "$work/home" && chmod 711 "$work"',
+        f'chown {quoted} "$work" "$work/home"',
+    ]
 
 
 def _build_commands(case: Case, timeout: float) -> list[str]:
@@ -394,9 +509,24 @@ def _build_commands(case: Case, timeout: float) -> list[str]:
     lines = _builder_commands(definition, case)
     if lines:
         words.insert(3, '--builder "$builder"')
+    build = f"{prefix}timeout {int(timeout)} {' '.join(words)}"
+    if case.client_user:
+        lines += _client_user_commands(case.client_user)
+        build = (
+            f"setpriv --reuid={case.client_user} --regid={case.client_user} "
+            f'--init-groups env HOME="$work/home" {build}'
+        )
+    if case.context_from == "stdin-tar":
+        tar = " ".join(_shell_word(word) for word in tar_command(Path("$ctx")))
+        build = f'{tar} 2> "$work/tar.log" | {build}'
+    elif case.context_from == "stdin-dockerfile":
+        build += f' < "$ctx"/{ansi_quote(case.dockerfile_name)}'
+    churn = _churn_commands(case)
     lines += [
-        f'{prefix}timeout {int(timeout)} {" ".join(words)} > "$work/build.log" 2>&1',
+        *churn,
+        f'{build} > "$work/build.log" 2>&1',
         "status=$?",
+        *(['kill "$churn" 2>/dev/null; wait "$churn" 2>/dev/null'] if churn else []),
         'cat "$work/build.log"',
     ]
     if case.output is Output.DOCKER_TAR:

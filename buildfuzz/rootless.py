@@ -142,13 +142,19 @@ def open_run_directory(directory: Path) -> None:
             return
 
 
-def link_tree(source: Path, destination: Path) -> None:
+def link_tree(source: Path, destination: Path, *, dirs_exist_ok: bool = False) -> None:
     """Hard-link the files of ``source`` under ``destination``.
 
     Files are copied instead where a link cannot be made (another file
     system). Links share the inode, so nothing of the tree is written.
     """
-    shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+    shutil.copytree(
+        source,
+        destination,
+        symlinks=True,
+        copy_function=_link_or_copy,
+        dirs_exist_ok=dirs_exist_ok,
+    )
 
 
 def _link_or_copy(source: str, destination: str) -> None:

@@ -155,8 +155,17 @@ def context_listing(case: Case) -> str:
 
 
 def option_listing(case: Case) -> str:
-    """Return the case's output and build flags as one line, for rules."""
-    return " ".join([f"--output={case.output}", *case.option_arguments("CONTEXT")])
+    """Return the case's output and build flags as one line, for rules.
+
+    A non-root client shows as ``--client-user=NAME`` and a changing context
+    as ``--context-churn=MODE``; neither is a docker flag.
+    """
+    words = [f"--output={case.output}", *case.option_arguments("CONTEXT")]
+    if case.client_user:
+        words.append(f"--client-user={case.client_user}")
+    if case.churn:
+        words.append(f"--context-churn={case.churn}")
+    return " ".join(words)
 
 
 def matching_rule(rules: tuple[Rule, ...], case: Case, log: str) -> Rule | None:

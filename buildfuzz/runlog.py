@@ -96,6 +96,15 @@ def _engine_values(case: Case) -> dict[str, list[str]]:
         "extra tags": [value_label(case.tags)],
         "cache": [value_label(case.cache)],
         "attestations": [value_label(case.attest)],
+        "build secrets": [
+            ",".join(f"{i}={source}" for i, source in case.build_secrets) or "(none)"
+        ],
+        "compression": [value_label(case.compression)],
+        "force compression": [value_label(case.force_compression)],
+        "oci mediatypes": [value_label(case.oci_mediatypes)],
+        "context source": [value_label(case.context_from)],
+        "client user": [case.client_user or "root"],
+        "context churn": [value_label(case.churn)],
     }
 
 

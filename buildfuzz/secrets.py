@@ -2,12 +2,16 @@
 
 A case never holds a secret value. A build argument whose value is
 ``env:NAME`` is read from the environment variable NAME when the build
-runs, and repro scripts read the same variable. Values registered here are
-replaced by ``***`` in log events, results files and reports.
+runs, and repro scripts read the same variable. A build secret
+(``--secret``) of a case is a secret id and a source, ``env`` or ``file``;
+its value is made up once per process (``build_secret_value``). Values
+registered here are replaced by ``***`` in log events, results files and
+reports.
 """
 
 import os
 import re
+import secrets as random_tokens
 from collections.abc import Iterable
 
 from buildfuzz.errors import UsageError
@@ -25,7 +29,16 @@ _CLIENT_VARIABLES = frozenset(
 _CLIENT_PREFIXES = ("DOCKER_", "BUILDX_", "BUILDKIT_", "SSL_", "XDG_")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# Sources of a build secret: ``env`` passes --secret id=ID,env=VAR with the
+# value in the variable VAR, and ``file`` passes --secret id=ID,src=FILE.
+SECRET_SOURCES = ("env", "file")
+# The variable of an ``env`` secret is this prefix and the id, so an id
+# takes only characters that a variable name can hold.
+SECRET_VARIABLE_PREFIX = "BUILDFUZZ_SECRET_"
+_SECRET_ID = re.compile(r"[A-Za-z0-9_]{1,64}")
+
 _values: set[str] = set()
+_build_secret_values: dict[str, str] = {}
 
 
 def register(values: Iterable[str]) -> None:
@@ -67,6 +80,43 @@ def check_argument(name: str, value: str) -> None:
             "environment variable of that name, which docker itself reads or "
             "cannot hold; rename the argument (for example MY_TOKEN)"
         )
+
+
+def check_build_secret(secret_id: str, source: str) -> None:
+    """Raise ValueError for a build secret id or source that buildfuzz cannot pass."""
+    if not _SECRET_ID.fullmatch(secret_id):
+        raise ValueError(
+            f"build secret id {secret_id!r} is invalid; use 1 to 64 letters, "
+            "digits and underscores (for example token)"
+        )
+    if source not in SECRET_SOURCES:
+        raise ValueError(
+            f"build secret {secret_id!r} has source {source!r}; "
+            f"use one of {', '.join(SECRET_SOURCES)}"
+        )
+
+
+def secret_variable(secret_id: str) -> str:
+    """Return the environment variable of an ``env`` build secret."""
+    return SECRET_VARIABLE_PREFIX + secret_id
+
+
+def secret_file(context: str, secret_id: str) -> str:
+    """Return the file of a ``file`` build secret, beside the context ``context``."""
+    return f"{context}.secrets/{secret_id}"
+
+
+def build_secret_value(secret_id: str) -> str:
+    """Return the value of build secret ``secret_id``, registered for redaction.
+
+    A value is random and the same for every build of this process, so that
+    the leak oracle can look for it in whatever a build made.
+    """
+    value = _build_secret_values.setdefault(
+        secret_id, f"bfsecret-{random_tokens.token_hex(12)}"
+    )
+    register([value])
+    return value
 
 
 def check_available(arguments: Iterable[tuple[str, str]], source: str) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from python_on_whales import DockerException
+from python_on_whales import DockerClient, DockerException
 
 from buildfuzz.base_publisher import BasePullError
 from buildfuzz.baseimage import import_busybox
@@ -22,12 +22,13 @@ from buildfuzz.client import ClientTools
 from buildfuzz.definitions import BuilderDefinition, Definitions
 from buildfuzz.dind import sandbox_engine
 from buildfuzz.engine import EngineOptions, SandboxEngine
-from buildfuzz.errors import EngineError
+from buildfuzz.errors import EngineError, SetupError
 from buildfuzz.external import ExternalEngine
 from buildfuzz.install import CLIENT_TREE, busybox_binary, engine_tree
 from buildfuzz.oracle_suite import OracleSuite
 from buildfuzz.packages import tree_path
 from buildfuzz.rules import Rule
+from buildfuzz.sbom_scanner import needs_scanner
 from buildfuzz.verdict import Evaluation, judge
 
 log = structlog.get_logger(__name__)
@@ -86,6 +87,8 @@ class Session:
         self.pool = BuilderPool(run_dir)
         self._buildx_tools: dict[str, ClientTools] = {}
         self._runners: dict[str, CaseRunner] = {}
+        # Why the SBOM scanner image could not be made, once it failed.
+        self._scanner_error: str | None = None
 
     def engine(self, case: Case) -> SandboxEngine | ExternalEngine:
         """Return the engine that ``case`` needs, starting it on first use.
@@ -101,8 +104,8 @@ class Session:
             while len(self.engines) >= MAX_ENGINES:
                 oldest = next(iter(self.engines))
                 self.pool.forget_engine(oldest)
+                self._close_runner(oldest)
                 self.engines.pop(oldest).stop()
-                self._runners.pop(oldest, None)
             definition = self.definitions.engines[case.engine]
             if definition.sandboxed:
                 engine = sandbox_engine(
@@ -147,6 +150,7 @@ class Session:
             builder_name=builder_name,
             docker_for=lambda builder: self.tools_for(builder).docker(host),
             forget_contexts=self.oracles.compares_content,
+            push_registry=lambda: self.pool.registry_host(docker),
         )
 
     def tools_for(self, builder: BuilderDefinition) -> ClientTools:
@@ -222,6 +226,7 @@ class Session:
         self.pool.forget_engine(engine.label)
         if isinstance(engine, ExternalEngine):
             return
+        self._close_runner(engine.label)
         engine.stop()
         self._start(engine)
 
@@ -248,11 +253,41 @@ class Session:
             # The engine could not pull a base: an outcome of the case, which
             # is judged like a build that failed with that output.
             return BuildResult(exit_status=1, log=error.output, duration=0.0)
+        if needs_scanner(case.attest):
+            self._provide_scanner(engine.label, docker, case, builder)
         return self._runners[engine.label].run(case, inspect)
+
+    def _provide_scanner(
+        self, label: str, docker: DockerClient, case: Case, builder: BuilderDefinition
+    ) -> None:
+        """Make the SBOM scanner image reachable, or skip the case without it.
+
+        The docker driver runs a generator only on the containerd image store;
+        on the others it rejects attestations before it looks for one.
+        """
+        if builder.driver == "docker" and not case.containerd_store:
+            return
+        if self._scanner_error is None:
+            try:
+                self.pool.provide_scanner(label, docker, builder)
+                return
+            except SetupError as error:
+                self._scanner_error = str(error)
+                log.warning(
+                    "sbom scanner unavailable; skipping cases with SBOMs",
+                    error=self._scanner_error[:300],
+                )
+        raise EngineUnavailable("sbom-scanner", self._scanner_error)
+
+    def _close_runner(self, label: str) -> None:
+        runner = self._runners.pop(label, None)
+        if runner is not None:
+            runner.close()
 
     def close(self) -> None:
         for label in list(self.engines):
             self.pool.forget_engine(label)
+            self._close_runner(label)
         self.pool.close()
         for engine in self.engines.values():
             if isinstance(engine, ExternalEngine):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from buildfuzz.base_formats import formats_in, unusable_bases
 from buildfuzz.case import Case, Output
+from buildfuzz.churn import churn_target
 from buildfuzz.emulation import runnable_platforms
 from buildfuzz.profile import Profile
 from buildfuzz.strategies_context import (
@@ -64,6 +65,9 @@ class Target:
     engine_store: bool = True
     # Whether the engine reaches the loopback registry that serves the bases.
     registry: bool = True
+    # Whether a non-root client may run the build: a sandbox engine, a builder
+    # that needs no buildx builder of its own, and the user exists.
+    client_users: bool = False
 
 
 def cases(profile: Profile, targets: Sequence[Target]) -> st.SearchStrategy[Case]:
@@ -86,6 +90,7 @@ def _case_strategy(
     dockerignore = draw(dockerignore_patterns(profile))
     dockerfile_dockerignore = draw(dockerfile_dockerignore_patterns(profile))
     stage_target = draw(st.sampled_from(profile.build.targets))
+    build_secrets = draw(st.sampled_from(profile.build.secrets))
     excluded_bases = unusable_bases(
         engine=target.engine,
         containerd_store=engine_options["containerd_store"],
@@ -99,12 +104,17 @@ def _case_strategy(
             name_stages=bool(stage_target),
             dockerfile_name=dockerfile_name,
             excluded_bases=excluded_bases,
+            secret_ids=tuple(secret_id for secret_id, _ in build_secrets),
         )
     )
 
     # Outputs the builder cannot produce are never drawn: such a build would
     # only ever fail with the builder's "not supported" message.
-    outputs = [o for o in profile.build.outputs if o in target.outputs]
+    # A push goes to the loopback registry, which the target must reach.
+    outputs = [
+        o for o in profile.build.outputs
+        if o in target.outputs and (o is not Output.PUSH or target.registry)
+    ]  # fmt: skip
     output = draw(st.sampled_from(outputs)) if outputs else Output.LOAD
     platforms = case_platforms(profile.build.platforms, dockerfile)
     platform = draw(st.sampled_from(platforms))
@@ -113,6 +123,11 @@ def _case_strategy(
     # Extra tags name a loaded image; the other outputs have no image to tag.
     tags = draw(st.sampled_from(profile.build.tags)) if output is Output.LOAD else ()
     cache = draw(st.sampled_from(profile.build.caches))
+    push_options = draw(push_settings(profile)) if output is Output.PUSH else {}
+    context_from = draw(st.sampled_from(profile.build.context_from))
+    users = profile.build.client_users if target.client_users else ("",)
+    client_user = draw(st.sampled_from(users))
+    churn = draw(st.sampled_from(profile.build.churn)) if churn_target(files) else ""
     attest = draw(st.sampled_from(profile.build.attestations))
 
     return Case(
@@ -133,6 +148,11 @@ def _case_strategy(
         tags=tags,
         cache=cache,
         attest=attest,
+        build_secrets=build_secrets,
+        **push_options,
+        context_from=context_from,
+        client_user=client_user,
+        churn=churn,
     )
 
 
@@ -162,6 +182,17 @@ def case_platforms(
             runnable = runnable_platforms()
         allowed &= set(NATIVE_PLATFORMS) | runnable
     return tuple(p for p in platforms if p in allowed) or ("",)
+
+
+@st.composite
+def push_settings(draw: st.DrawFn, profile: Profile) -> dict:
+    """Draw the options of a pushed image; other outputs keep the defaults."""
+    axes = profile.build
+    return {
+        "compression": draw(st.sampled_from(axes.compressions)),
+        "force_compression": draw(st.sampled_from(axes.force_compression)),
+        "oci_mediatypes": draw(st.sampled_from(axes.oci_mediatypes)),
+    }
 
 
 @st.composite

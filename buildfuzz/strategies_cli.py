@@ -47,6 +47,14 @@ def _build_arg(pair: tuple[str, str]) -> str:
     return f"{pair[0]}={pair[1]}"
 
 
+def _secret_set(pairs: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f"{secret_id}={source}" for secret_id, source in pairs) or "(none)"
+
+
+def _client_user(user: str) -> str:
+    return user or "root"
+
+
 def _symlink_target(target: str) -> str:
     return target or GENERATED
 
@@ -90,6 +98,13 @@ AXES = (
     Axis("build", "tags", "extra tags"),
     Axis("build", "caches", "cache"),
     Axis("build", "attestations", "attestations"),
+    Axis("build", "secrets", "build secrets", _secret_set),
+    Axis("build", "compressions", "compression"),
+    Axis("build", "force_compression", "force compression"),
+    Axis("build", "oci_mediatypes", "oci mediatypes"),
+    Axis("build", "context_from", "context source"),
+    Axis("build", "client_users", "client user", _client_user),
+    Axis("build", "churn", "context churn"),
 )
 
 

@@ -58,11 +58,16 @@ FIXED_INSTRUCTIONS = {
     " ls -lan /scratch > /tmp/tmpfs.txt",
     "run-mount-bind": "RUN --mount=type=bind,target=/mnt/context"
     " ls -lanR /mnt/context > /tmp/context.txt",
-    # No secret is given to the build, and a secret mount is optional by default.
+    # The form for a case without build secrets: a secret mount is optional
+    # by default, so the step passes without one. See secret_run for the other.
     "run-mount-secret": "RUN --mount=type=secret,id=token"
     " cat /run/secrets/token || true",
     "copy-exclude": "COPY --exclude=*.txt . /excluded/",
 }
+# The RUN step that reads a build secret the case passes (see secret_run).
+SECRET_RUN_PATTERN = re.compile(
+    r"RUN --mount=type=secret,id=(\w+),required=true cat /run/secrets/\1 > /dev/null\Z"
+)
 # Instructions about one context file: instruction, flags, destination.
 FILE_INSTRUCTIONS = {
     "copy-file": ("COPY", (), "/picked/"),
@@ -88,12 +93,14 @@ def dockerfiles(
     name_stages: bool = False,
     dockerfile_name: str = DOCKERFILE,
     excluded_bases: frozenset[str] = frozenset(),
+    secret_ids: tuple[str, ...] = (),
 ) -> tuple[str, ...]:
     """Draw a Dockerfile of one or more stages over the context ``files``.
 
     Stages are named ``stage0``, ``stage1`` and so on when there are several
     or when ``name_stages`` is set (for ``--target``). Bases in
-    ``excluded_bases`` are never drawn.
+    ``excluded_bases`` are never drawn. A secret mount reads one of the
+    build secrets ``secret_ids`` when the case passes any.
     """
     axes = profile.dockerfile
     bases = tuple(b for b in axes.bases if b not in excluded_bases) or ("scratch",)
@@ -123,7 +130,11 @@ def dockerfiles(
         for _ in range(count):
             kind = draw(st.sampled_from(kinds))
             index = draw(st.integers(min_value=0, max_value=255))
-            lines.append(render_instruction(kind, files, index, stage=stage))
+            lines.append(
+                render_instruction(
+                    kind, files, index, stage=stage, secret_ids=secret_ids
+                )
+            )
 
     layers = draw(st.sampled_from(axes.layers))
     if layers:
@@ -133,13 +144,21 @@ def dockerfiles(
 
 
 def render_instruction(
-    kind: str, files: tuple[ContextFile, ...], index: int, *, stage: int = 0
+    kind: str,
+    files: tuple[ContextFile, ...],
+    index: int,
+    *,
+    stage: int = 0,
+    secret_ids: tuple[str, ...] = (),
 ) -> str:
     """Render one Dockerfile instruction of ``kind`` about a chosen file.
 
-    ``index`` picks the file (or the earlier stage, for copy-from-stage);
-    ``stage`` is the number of the stage the instruction is in.
+    ``index`` picks the file (or the earlier stage, for copy-from-stage, or
+    the build secret of ``secret_ids``, for run-mount-secret); ``stage`` is
+    the number of the stage the instruction is in.
     """
+    if kind == "run-mount-secret" and secret_ids:
+        return secret_run(secret_ids[index % len(secret_ids)])
     if kind in FIXED_INSTRUCTIONS:
         return FIXED_INSTRUCTIONS[kind]
     if kind == "copy-from-stage":
@@ -152,6 +171,14 @@ def render_instruction(
         source = _pick_source(kind, files, index)
         return _copy(instruction, list(flags), source, destination)
     raise ValueError(f"unknown instruction kind {kind!r}")
+
+
+def secret_run(secret_id: str) -> str:
+    """Render a RUN step that reads build secret ``secret_id`` and fails without it."""
+    return (
+        f"RUN --mount=type=secret,id={secret_id},required=true"
+        f" cat /run/secrets/{secret_id} > /dev/null"
+    )
 
 
 def render_layers(count: int, dockerfile_name: str) -> str:
@@ -199,6 +226,7 @@ _KIND_PATTERNS = [
     (kind, re.compile(re.escape(text) + r"\Z"))
     for kind, text in FIXED_INSTRUCTIONS.items()
 ] + [
+    ("run-mount-secret", SECRET_RUN_PATTERN),
     ("copy-from-stage", re.compile(r"COPY --from=")),
     ("copy-chown-id", re.compile(r"COPY --chown=1000:1000 ")),
     ("copy-chown-name", re.compile(r"COPY --chown=nobody:nogroup ")),

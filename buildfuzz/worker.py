@@ -34,6 +34,7 @@ from buildfuzz.replay import ReplayReport
 from buildfuzz.results import ResultsStore
 from buildfuzz.rules import worth_building
 from buildfuzz.runlog import RunLog
+from buildfuzz.sequences import SequenceFinding, SequenceRunner, SequenceStats
 from buildfuzz.session import CaseRecord, EngineUnavailable, Session
 from buildfuzz.shard import Shard
 from buildfuzz.strategies import cases
@@ -54,6 +55,7 @@ class WorkerResult:
     low_disk: bool = False
     error: str = ""  # why no case could run, when none could
     next_index: int = 0  # the first input this worker did not start
+    sequences: SequenceStats = field(default_factory=SequenceStats)
 
 
 @dataclass
@@ -140,10 +142,12 @@ def run_worker(
             ),
         )
         result.stats = fuzzer.stats
+        # The profile's share of the budget goes to sequences, after the cases.
+        share = prepared.profile.sequences.share
         with progress:
             try:
                 fuzzer.run(
-                    plan.deadline,
+                    plan.deadline - share * options.budget,
                     plan.shrink_budget,
                     plan.shard,
                     start_index=plan.start_index,
@@ -151,6 +155,30 @@ def run_worker(
             finally:
                 result.next_index = fuzzer.next_index
         result.interrupted = fuzzer.interrupted
+        if share and not fuzzer.stopped:
+
+            def write_sequence(finding: SequenceFinding) -> None:
+                with claims.lock():
+                    writer.write_sequence(finding)
+
+            sequences = SequenceRunner(
+                session,
+                prepared.profile,
+                prepared.targets,
+                seed=plan.seed,
+                known=known,
+                on_finding=write_sequence,
+                may_continue=lambda: _enough_disk(
+                    plan.run_dir, options.min_free, result
+                ),
+                case_filter=None
+                if options.strict
+                else partial(worth_building, prepared.rules),
+                shard=plan.shard,
+            )
+            result.sequences = sequences.stats
+            sequences.run(plan.deadline, plan.shrink_budget)
+            result.interrupted = sequences.interrupted
     except KeyboardInterrupt:
         result.interrupted = True
         log.warning("run interrupted; stopping engines", worker=plan.number)

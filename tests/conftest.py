@@ -13,7 +13,10 @@ from buildfuzz.client import ClientTools
 from buildfuzz.definitions import load_definitions
 from buildfuzz.engine import SandboxEngine
 from buildfuzz.install import CLIENT_TREE, engine_tree_name, ensure_installed
+from buildfuzz.oracle_suite import OracleSettings, OracleSuite
 from buildfuzz.packages import tree_path
+from buildfuzz.rules import load_rules
+from buildfuzz.session import Session
 from buildfuzz.workdir import create_run_dir, remove_tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,6 +46,22 @@ def run_dir(workdir: Path) -> Iterator[Path]:
     directory = create_run_dir(workdir)
     yield directory
     remove_tree(directory)
+
+
+@pytest.fixture
+def session(run_dir: Path) -> Iterator[Session]:
+    """A session with the expected-failure rules and the tree oracle on."""
+    definitions = load_definitions()
+    made = Session(
+        definitions,
+        client_tools(run_dir),
+        run_dir,
+        rules=load_rules("expected"),
+        build_timeout=300,
+        oracles=OracleSuite(definitions, OracleSettings(tree=True)),
+    )
+    yield made
+    made.close()
 
 
 def start_engine(name: str, run_dir: Path) -> SandboxEngine:

@@ -385,7 +385,7 @@ def test_cache_and_attestation_round_trip_and_give_flags() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("cache", "registry"), ("attest", "sbom"), ("cache", 1)]
+    ("field", "value"), [("cache", "registry"), ("attest", "spdx"), ("cache", 1)]
 )
 def test_unknown_cache_or_attestation_is_refused(field: str, value: object) -> None:
     data = {**json.loads(Case().to_json()), field: value}

@@ -1,0 +1,167 @@
+"""Cases whose docker client runs as the unprivileged user buildfuzz."""
+
+import os
+import pwd
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from buildfuzz import client_user
+from buildfuzz.case import Case, ContextFile, FileKind, Output
+from buildfuzz.definitions import load_definitions
+from buildfuzz.errors import DataFileError
+from buildfuzz.profile import load_profile
+from buildfuzz.repro import render_repro
+from buildfuzz.rules import load_rules, option_listing
+from buildfuzz.session import Session
+from buildfuzz.signature import Phase, Signature
+from buildfuzz.strategies import BUSYBOX_IMAGE
+from buildfuzz.workdir import create_run_dir, remove_tree
+from tests.conftest import client_tools
+
+USER = client_user.USER
+
+
+def test_client_user_in_rule_options() -> None:
+    assert "--client-user=buildfuzz" in option_listing(Case(client_user=USER))
+    assert "--client-user" not in option_listing(Case())
+
+
+def test_unknown_client_user_rejected(tmp_path: Path) -> None:
+    profile = tmp_path / "p.toml"
+    profile.write_text('[build]\nclient_users = ["", "alice"]\n')
+    with pytest.raises(DataFileError, match="alice"):
+        load_profile(str(profile))
+
+
+def test_repro_runs_client_as_user() -> None:
+    case = Case(client_user=USER, builder="classic")
+    script = render_repro(case, Signature(Phase.CONTEXT, "x"), timeout=60)
+    assert f"setpriv --reuid={USER} --regid={USER} --init-groups" in script
+    assert f'chown {USER} "$work" "$work/home"' in script
+
+
+def test_closed_workdir_leaves_user_clients_out() -> None:
+    base = Path(tempfile.mkdtemp(prefix="bfu-", dir="/var/tmp"))
+    try:
+        problem = client_user.user_client_problem(base / "work")
+        assert problem is not None
+        assert f"cannot enter {base}" in problem
+        base.chmod(0o711)
+        assert client_user.user_client_problem(base / "work") is None
+    finally:
+        remove_tree(base)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="bfu-", dir="/var/tmp"))
+    base.chmod(0o711)  # the user passes through the work directory
+    directory = create_run_dir(base)
+    yield directory
+    remove_tree(base)
+
+
+READABLE = (ContextFile("a", size=10, mode=0o644),)
+UNREADABLE = (
+    ContextFile("a", size=10, mode=0o644),
+    ContextFile("private", kind=FileKind.DIR, mode=0o700),
+    ContextFile("private/key", size=5, mode=0o600),
+)
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+@pytest.mark.parametrize("builder", ["buildx-docker", "classic"])
+def test_user_client_builds_as_user(builder: str, run_dir: Path) -> None:
+    """The user's client builds readable contexts and fails on unreadable ones."""
+    assert client_user.user_exists(), "run ./dev.sh to create the user"
+    session = Session(
+        load_definitions(),
+        client_tools(run_dir),
+        run_dir,
+        rules=load_rules("expected"),
+        build_timeout=300,
+    )
+    owners: list[int] = []
+    # The classic builder only loads; the tar shows who wrote the output.
+    output = Output.LOAD if builder == "classic" else Output.TAR
+    base = Case(
+        builder=builder,
+        output=output,
+        dockerfile=(f"FROM {BUSYBOX_IMAGE}", "COPY . /ctx/", "RUN ls -lan /ctx"),
+    )
+    try:
+        readable = session.execute(base.with_changes(files=READABLE, client_user=USER))
+        if output is Output.TAR:
+            runner = session._runners[session.engine(base).label]
+            runner.run(
+                base.with_changes(files=READABLE, client_user=USER),
+                lambda result, case_dir: owners.append(
+                    (case_dir / "rootfs.tar").stat().st_uid
+                ),
+            )
+        unreadable = session.execute(
+            base.with_changes(files=UNREADABLE, client_user=USER)
+        )
+        as_root = session.execute(base.with_changes(files=UNREADABLE))
+    finally:
+        session.close()
+
+    assert readable.evaluation.verdict == "pass", readable.result.log[-1500:]
+    if output is Output.TAR:
+        assert owners == [pwd.getpwnam(USER).pw_uid]
+    assert unreadable.evaluation.verdict == "expected", unreadable.result.log[-1500:]
+    assert unreadable.evaluation.rule == "client-unreadable-context"
+    assert as_root.evaluation.verdict == "pass", as_root.result.log[-1500:]
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_user_client_repro_reproduces(run_dir: Path) -> None:
+    """repro.sh runs the client as the user and reproduces the failure."""
+    session = Session(
+        load_definitions(),
+        client_tools(run_dir),
+        run_dir,
+        rules=(),
+        build_timeout=300,
+    )
+    case = Case(
+        builder="classic",
+        client_user=USER,
+        files=UNREADABLE,
+        dockerfile=("FROM scratch", "COPY . /"),
+    )
+    try:
+        record = session.execute(case)
+        signature = record.evaluation.signature
+        assert signature is not None, record.result.log[-1500:]
+        engine = session.engine(case)
+        # The user runs docker from PATH: a copy in a directory it can enter.
+        open_dir = Path(tempfile.mkdtemp(dir="/tmp"))
+        open_dir.chmod(0o755)
+        cli = client_tools(run_dir).cli
+        os.link(cli, open_dir / "docker")
+        (open_dir / "repro.sh").write_text(render_repro(case, signature, timeout=120))
+        result = subprocess.run(
+            ["bash", str(open_dir / "repro.sh")],
+            env={
+                **os.environ,
+                "PATH": f"{open_dir}:{os.environ['PATH']}",
+                "DOCKER_HOST": engine.host,
+                "TMPDIR": str(open_dir),
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    finally:
+        session.close()
+    remove_tree(open_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "buildfuzz repro: REPRODUCED" in result.stdout
