@@ -15,6 +15,8 @@ and strategies can import it without starting anything.
 
 from dataclasses import dataclass
 
+from buildfuzz.case import split_from
+
 REGISTRY_HOST = "localhost"
 REPOSITORY_PREFIX = "buildfuzz/"
 TAG = "1"
@@ -163,10 +165,8 @@ def formats_in(dockerfile: tuple[str, ...]) -> list[BaseFormat]:
     """Return the registry bases that ``dockerfile``'s FROM lines name, in order."""
     found: list[BaseFormat] = []
     for element in dockerfile:
-        if not element.startswith("FROM "):
-            continue
-        words = element.split()
-        base = FORMATS_BY_IMAGE.get(words[1]) if len(words) > 1 else None
+        parts = split_from(element)
+        base = FORMATS_BY_IMAGE.get(parts.image) if parts is not None else None
         if base is not None and base not in found:
             found.append(base)
     return found

@@ -74,6 +74,31 @@ CHURN_MODES = ("", "append", "rewrite")
 
 
 @dataclass(frozen=True)
+class FromLine:
+    """The parts of a ``FROM [--platform=P] IMAGE [AS NAME]`` line."""
+
+    image: str
+    platform: str = ""  # the value of --platform, such as $BUILDPLATFORM
+    alias: str = ""
+
+
+def split_from(line: str) -> FromLine | None:
+    """Return the parts of a FROM line, or None for another form."""
+    words = line.split()
+    if not words or words[0].upper() != "FROM":
+        return None
+    words = words[1:]
+    platform = ""
+    if words and words[0].startswith("--platform="):
+        platform = words.pop(0).removeprefix("--platform=")
+    if len(words) == 1:
+        return FromLine(words[0], platform)
+    if len(words) == 3 and words[1].upper() == "AS":
+        return FromLine(words[0], platform, words[2])
+    return None
+
+
+@dataclass(frozen=True)
 class ContextFile:
     """One entry of the build context, relative to the context root."""
 

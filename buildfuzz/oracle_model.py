@@ -44,7 +44,7 @@ from pathlib import PurePosixPath
 
 from buildfuzz.base_formats import FORMATS_BY_IMAGE
 from buildfuzz.bulk import BULK_MTIME_NS, DIR_MODE, FILE_MODE, bulk_dirs, bulk_files
-from buildfuzz.case import Case, FileKind, Output
+from buildfuzz.case import Case, FileKind, Output, split_from
 from buildfuzz.churn import churn_target
 from buildfuzz.context import archive_content, file_content
 from buildfuzz.oracle_ignore import IgnoreMatcher, UnsupportedPattern, read_ignore_file
@@ -231,6 +231,9 @@ def expected_tree(case: Case, options: ModelOptions | None = None) -> Tree:
         # NOTE: not modelled: with a context from stdin the builders treat
         # .dockerignore and the Dockerfile differently (see README.md).
         raise Unmodelled(f"a context from stdin ({case.context_from})")
+    if "," in case.platform:
+        # Outputs then hold one tree per platform (linux_amd64/ and so on).
+        raise Unmodelled(f"a multi-platform build ({case.platform})")
     sources = context_sources(case, classic=options.classic)
     stages = _split_stages(case.dockerfile)
     names = [name for name, _, _ in stages]
@@ -259,13 +262,12 @@ def _split_stages(dockerfile: tuple[str, ...]) -> list[tuple[str, str, list[str]
     stages: list[tuple[str, str, list[str]]] = []
     for element in dockerfile:
         if element.startswith("FROM "):
-            words = element.split()
-            if len(words) == 2:
-                stages.append(("", words[1], []))
-            elif len(words) == 4 and words[2].upper() == "AS":
-                stages.append((words[3], words[1], []))
-            else:
+            parts = split_from(element)
+            if parts is None:
                 raise Unmodelled(f"FROM line {element!r}")
+            # A --platform flag chooses the base's platform; the modelled
+            # bases have the same files on every platform.
+            stages.append((parts.alias, parts.image, []))
         elif not stages:
             raise Unmodelled("an instruction before FROM")
         else:

@@ -109,6 +109,8 @@ class DockerfileAxes:
     stages: tuple[int, ...] = (1,)
     layers: tuple[int, ...] = (0,)  # extra COPY layers at the end of the last stage
     paths: tuple[str, ...] = ("Dockerfile",)  # where the Dockerfile is in the context
+    # FROM --platform= values: "" (no flag), "$BUILDPLATFORM", "$TARGETPLATFORM".
+    from_platforms: tuple[str, ...] = ("",)
 
 
 @dataclass(frozen=True)
@@ -333,6 +335,8 @@ def _convert(label: str, key: str, raw: Any) -> Any:
     return _string_tuple(raw, label)
 
 
+FROM_PLATFORMS = ("", "$BUILDPLATFORM", "$TARGETPLATFORM")
+
 # Pools whose values are names from a fixed list.
 CHOICES: dict[str, tuple[str, ...]] = {
     "bases": BASES,
@@ -344,6 +348,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_users": CLIENT_USERS,
     "churn": CHURN_MODES,
     "compressions": COMPRESSIONS,
+    "from_platforms": FROM_PLATFORMS,
 }
 
 # Inclusive bounds of integer pools. Values beyond them only make builds slow.
@@ -369,11 +374,15 @@ PLATFORMS = (
 
 
 def _platform(value: Any, label: str) -> str:
-    if value != "" and value not in PLATFORMS:
+    """Check a platform, or a comma-separated list of them (a multi-platform build)."""
+    parts = value.split(",") if isinstance(value, str) and value else [value]
+    if value != "" and any(part not in PLATFORMS for part in parts):
         raise ValueError(
-            f'{label}: unknown platform {value!r}; use "" (the engine\'s own) or '
-            f"one of {', '.join(PLATFORMS)}"
+            f'{label}: unknown platform {value!r}; use "" (the engine\'s own), '
+            f"one of {', '.join(PLATFORMS)}, or several of them joined by commas"
         )
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"{label}: platform {value!r} lists a platform twice")
     return str(value)
 
 

@@ -161,6 +161,8 @@ def option_listing(case: Case) -> str:
     as ``--context-churn=MODE``; neither is a docker flag.
     """
     words = [f"--output={case.output}", *case.option_arguments("CONTEXT")]
+    if case.platform:
+        words.append(f"--platform={case.platform}")
     if case.client_user:
         words.append(f"--client-user={case.client_user}")
     if case.churn:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from buildfuzz import secrets
-from buildfuzz.case import DEEP_DIR, Case, ContextFile
+from buildfuzz.case import DEEP_DIR, Case, ContextFile, split_from
 from buildfuzz.results import json_text, write_atomic
 from buildfuzz.session import CaseRecord
 from buildfuzz.strategies_context import XATTR_KINDS
@@ -136,18 +136,19 @@ def _context_values(
 
 
 def _dockerfile_values(case: Case) -> dict[str, list[str]]:
-    bases = []
-    for line in case.dockerfile:
-        if line.startswith("FROM "):
-            image = line.split()[1]
-            names = {image: name for name, image in BASE_IMAGES.items()}
-            bases.append(names.get(image, "stage"))
+    names = {image: name for name, image in BASE_IMAGES.items()}
+    images = set(names)
+    froms = [parts for line in case.dockerfile if (parts := split_from(line))]
+    bases = [names.get(parts.image, "stage") for parts in froms]
     return {
         "base name": sorted(set(bases)),
         "instruction kind": sorted(set(instruction_kinds(case.dockerfile, case.files))),
         "stages": [str(stage_count(case.dockerfile))],
         "layers": [str(layer_count(case.dockerfile))],
         "dockerfile path": [case.dockerfile_name],
+        "from platform": sorted(
+            {parts.platform or "(none)" for parts in froms if parts.image in images}
+        ),
     }
 
 

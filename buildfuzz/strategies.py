@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from hypothesis import strategies as st
 
 from buildfuzz.base_formats import formats_in, unusable_bases
-from buildfuzz.case import Case, Output
+from buildfuzz.case import Case, Output, split_from
 from buildfuzz.churn import churn_target
 from buildfuzz.emulation import runnable_platforms
 from buildfuzz.profile import Profile
@@ -170,18 +170,27 @@ def case_platforms(
     this machine runs natively or with a qemu handler (read from
     ``emulation.BINFMT_DIR`` when None).
     """
-    allowed = set(platforms)
-    if any(BUSYBOX_IMAGE in line for line in dockerfile):
+    # A stage FROM --platform=$BUILDPLATFORM takes its base for the machine's
+    # own platform, whatever the build's target platforms are.
+    on_target = tuple(
+        line
+        for line in dockerfile
+        if line.startswith("FROM ")
+        and getattr(split_from(line), "platform", "") != "$BUILDPLATFORM"
+    )
+    allowed = {part for platform in platforms for part in platform.split(",")}
+    if any(BUSYBOX_IMAGE in line for line in on_target):
         allowed &= set(NATIVE_PLATFORMS)
-    for base in formats_in(dockerfile):
+    for base in formats_in(on_target):
         allowed &= set(base.platform_options())
-    if any(element.startswith("RUN ") for element in dockerfile):
+    if on_target and any(element.startswith("RUN ") for element in dockerfile):
         # NOTE: these are the handlers of this machine, where sandbox engines
         # run. An --engine-host daemon on another machine may have others.
         if runnable is None:
             runnable = runnable_platforms()
         allowed &= set(NATIVE_PLATFORMS) | runnable
-    return tuple(p for p in platforms if p in allowed) or ("",)
+    chosen = [p for p in platforms if all(part in allowed for part in p.split(","))]
+    return tuple(chosen) or ("",)
 
 
 @st.composite

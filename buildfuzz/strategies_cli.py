@@ -51,6 +51,10 @@ def _secret_set(pairs: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{secret_id}={source}" for secret_id, source in pairs) or "(none)"
 
 
+def _from_platform(platform: str) -> str:
+    return platform or "(none)"
+
+
 def _client_user(user: str) -> str:
     return user or "root"
 
@@ -90,6 +94,7 @@ AXES = (
     Axis("dockerfile", "stages", "stages"),
     Axis("dockerfile", "layers", "layers"),
     Axis("dockerfile", "paths", "dockerfile path"),
+    Axis("dockerfile", "from_platforms", "from platform", _from_platform),
     Axis("build", "platforms", "platform", _platform),
     Axis("build", "outputs", "output"),
     Axis("build", "build_args", "build arg", _build_arg),

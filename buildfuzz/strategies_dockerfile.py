@@ -113,13 +113,16 @@ def dockerfiles(
         base = draw(st.sampled_from(bases))
         if base == "stage" and stage == 0:
             base = next((b for b in bases if b != "stage"), "scratch")
+        flag = ""
         if base == "stage":
             image, root = f"{STAGE_PREFIX}{stage - 1}", roots[-1]
         else:
             image, root = BASE_IMAGES[base], base
+            platform = draw(st.sampled_from(axes.from_platforms))
+            flag = f"--platform={platform} " if platform else ""
         roots.append(root)
         alias = f" AS {STAGE_PREFIX}{stage}" if named else ""
-        lines.append(f"FROM {image}{alias}")
+        lines.append(f"FROM {flag}{image}{alias}")
 
         kinds = axes.instructions
         if root == "scratch":

@@ -17,6 +17,7 @@ from buildfuzz.case import (
     Output,
     case_from_dict,
     check_context_path,
+    split_from,
 )
 from buildfuzz.profile import load_profile
 from buildfuzz.strategies import (
@@ -143,7 +144,14 @@ def test_scratch_bases_never_run(case: Case) -> None:
 @EXAMPLES
 @given(DEFAULT_CASES)
 def test_busybox_only_on_native_platforms(case: Case) -> None:
-    if uses_busybox(case):
+    """busybox is local for this machine only, unless a stage takes it for
+    the build platform ($BUILDPLATFORM)."""
+    on_target = [
+        line
+        for line in case.dockerfile
+        if BUSYBOX_IMAGE in line and "--platform=$BUILDPLATFORM" not in line
+    ]
+    if on_target:
         assert case.platform in NATIVE_PLATFORMS
     assert case.platform in PROFILE.build.platforms
 
@@ -158,7 +166,8 @@ def test_dockerfile_starts_with_from(case: Case) -> None:
     starts = [i for i, line in enumerate(elements) if line.startswith("FROM")]
     ends = [*starts[1:], len(elements)]
 
-    assert re.fullmatch(f"FROM (scratch|{BUSYBOX_IMAGE})( AS stage0)?", first)
+    flag = r"(--platform=\$(BUILD|TARGET)PLATFORM )?"
+    assert re.fullmatch(f"FROM {flag}(scratch|{BUSYBOX_IMAGE})( AS stage0)?", first)
     assert starts[0] == 0
     for start, end in zip(starts, ends, strict=True):
         assert 1 <= end - start - 1 <= PROFILE.dockerfile.max_instructions
@@ -400,8 +409,9 @@ def test_shell_steps_only_on_busybox_stages(case: Case) -> None:
     roots: list[str] = []
     root = ""
     for line in case.dockerfile:
-        if line.startswith("FROM "):
-            image = line.split()[1]
+        parts = split_from(line)
+        if parts is not None:
+            image = parts.image
             root = roots[int(image[5:])] if image.startswith("stage") else image
             roots.append(root)
         elif line.startswith("RUN"):
