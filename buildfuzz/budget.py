@@ -29,7 +29,10 @@ def parse_duration(text: str, *, option: str = "--budget") -> float:
         if amount
     )
     if seconds <= 0:
-        raise UsageError(f"invalid duration for {option}: {text!r} is zero")
+        raise UsageError(
+            f"invalid duration for {option}: {text!r} is zero; give a positive "
+            "duration such as 90s or 10m"
+        )
     if seconds > MAX_SECONDS:
         raise UsageError(
             f"invalid duration for {option}: {text!r} is longer than 30 days"

@@ -259,6 +259,11 @@ def _user_clients_allowed(profile: Profile, workdir: Path) -> bool:
     if profile.build.client_users == ("",):
         return False
     problem = user_client_problem(workdir)
+    if problem is not None and "" not in profile.build.client_users:
+        raise UsageError(
+            f"profile {profile.name}: every case runs its client as a non-root "
+            f"user (client_users), but {problem}"
+        )
     if problem is not None:
         log.warning("cases with a non-root client left out", reason=problem)
     return problem is None
@@ -411,6 +416,11 @@ def run_campaign(options: RunOptions) -> RunSummary:
         errors = [result.error for result in results if result.error]
         if errors and not summary.stats.cases:
             raise EngineError(errors[0])
+        if summary.low_disk and not summary.stats.cases:
+            raise SetupError(
+                f"no case ran: free disk space under {options.workdir} is below "
+                "--min-free; free some space or give a smaller --min-free"
+            )
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("run interrupted; stopping engines and writing the summary")

@@ -317,7 +317,8 @@ def run(
         f"  findings           {summary.distinct_findings} distinct"
         f" ({len(summary.new_findings)} new, {len(summary.known_findings)} known)",
         f"  shrink builds      {stats.shrink_builds}",
-        f"  skipped            {stats.skipped} (their engine could not start)",
+        f"  skipped            {stats.skipped} (their engine, builder or scanner "
+        "could not start, or the disk was too full)",
         f"  builds per minute  {summary.builds_per_minute:.1f}",
     ]
     if summary.sequences.sequences:
@@ -327,7 +328,7 @@ def run(
             f"{sequences.builds + sequences.shrink_builds} builds)"
         )
     for target, count in sorted(stats.per_target.items()):
-        lines.append(f"  cases on {target:<20} {count}")
+        lines.append(f"  cases on {target:<36} {count}")
     for check in summary.regressions:
         lines.append(f"  regression         {check.name}: {check.status}")
     for finding_id in summary.new_findings + summary.known_findings:
@@ -411,7 +412,8 @@ def replay(
             f"reproduced {report.reproduced}/{report.runs}"
         )
     failing = [r for r in reports if r.status is not Status.FIXED]
-    typer.echo(f"{len(reports)} findings: {len(failing)} not fixed")
+    noun = "finding" if len(reports) == 1 else "findings"
+    typer.echo(f"{len(reports)} {noun}: {len(failing)} not fixed")
     raise typer.Exit(1 if failing else 0)
 
 
@@ -686,6 +688,8 @@ app.command("strategies")(strategies_command)
 
 
 def main() -> None:
+    # Commands without --log-format log to stderr too; the others set it again.
+    logs.configure("console")
     try:
         app()
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 from typing import Any
 
 from buildfuzz.case import Case
-from buildfuzz.minimize import default_case
+from buildfuzz.minimize import CASE_OPTIONS, default_case
 from buildfuzz.profile import Profile
 from buildfuzz.results import FindingRecord
 from buildfuzz.rules import context_listing
@@ -27,9 +27,24 @@ def needed_axes(case: Case, default: Case) -> list[tuple[str, str, str]]:
         rows.append((".dockerignore", " ".join(case.dockerignore), "none"))
     if case.dockerfile != default.dockerfile:
         rows.append(("Dockerfile", " / ".join(case.dockerfile), default.dockerfile[0]))
+    for axis in CASE_OPTIONS:
+        value, base = getattr(case, axis), getattr(default, axis)
+        if value != base:
+            rows.append((axis, _option_text(value), _option_text(base)))
     for entry in case.files:
         rows.append(("context file", _describe_file(entry), "no file"))
     return rows
+
+
+def _option_text(value: Any) -> str:
+    if value is None or value == "" or value == ():
+        return "(default)"
+    if isinstance(value, tuple):
+        return ", ".join(
+            "=".join(map(str, item)) if isinstance(item, tuple) else str(item)
+            for item in value
+        )
+    return str(value)
 
 
 def _describe_file(entry: Any) -> str:

@@ -158,6 +158,15 @@ def simplifications(
         kept_secrets = case.build_secrets[:index] + case.build_secrets[index + 1 :]
         label = f"remove build secret {secret_id!r}"
         yield label, replace(case, build_secrets=kept_secrets)
+    for name in ("engine", "builder"):
+        # The engine or the builder alone, where the profile has that pair.
+        if getattr(case, name) == getattr(default, name):
+            continue
+        moved = replace(case, **{name: getattr(default, name)})
+        pair = (moved.engine, moved.builder)
+        target = next((t for t in targets if (t.engine, t.builder) == pair), None)
+        if target is not None and fits(moved, target):
+            yield f"reset {name}", moved
     for target in targets[:1]:
         if (case.engine, case.builder) != (target.engine, target.builder):
             moved = replace(case, engine=target.engine, builder=target.builder)

@@ -72,7 +72,8 @@ def finding_case(record: FindingRecord, directory: Path) -> ElementTree.Element:
             f"oracle: {clean_text(record.oracle)}",
             f"target: {clean_text(record.engine)}/{clean_text(record.builder)}",
             f"reproduced: {rate_text(record)}",
-            f"seen: {record.count} times, first {record.first_seen}, "
+            f"seen: {'once' if record.count == 1 else f'{record.count} times'}, "
+            f"first {record.first_seen}, "
             f"last {record.last_seen}",
             f"finding: {clean_text(directory)} (README.md, case.json, repro.sh)",
         ]

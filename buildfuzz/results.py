@@ -23,8 +23,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from buildfuzz import secrets
 from buildfuzz.errors import ResultsError
+
+log = structlog.get_logger(__name__)
 
 RESULTS_FORMAT = 1
 FORMAT_FILE = ".buildfuzz-results"
@@ -168,7 +172,10 @@ class ResultsStore:
         except FileNotFoundError:
             return None
         except (OSError, json.JSONDecodeError) as error:
-            raise ResultsError(f"{path}: cannot read finding: {error}") from None
+            raise ResultsError(
+                f"{path}: cannot read finding: {error}; restore the file, or "
+                "remove its directory to drop the finding"
+            ) from None
         try:
             return FindingRecord(**data)
         except TypeError as error:
@@ -203,9 +210,14 @@ class ResultsStore:
         return record
 
     def findings(self) -> list[FindingRecord]:
+        """Return every finding's record; a damaged one is skipped with a warning."""
         records = []
         for path in sorted(self.root.glob("*/finding.json")):
-            record = self.load(path.parent.name)
+            try:
+                record = self.load(path.parent.name)
+            except ResultsError as error:
+                log.warning("finding skipped", error=str(error))
+                continue
             if record is not None:
                 records.append(record)
         return records

@@ -69,7 +69,11 @@ def load_rules(name: str) -> tuple[Rule, ...]:
         with path.open("rb") as stream:
             data = tomllib.load(stream)
     except FileNotFoundError:
-        raise DataFileError(path, f"rule set {name!r} not found") from None
+        raise DataFileError(
+            path,
+            f"rule set {name!r} not found; a profile's rules names a file of "
+            "strategies/rules/ without .toml, or a .toml path relative to the profile",
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise DataFileError(path, f"invalid TOML: {error}") from None
 

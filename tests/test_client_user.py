@@ -15,7 +15,7 @@ from buildfuzz.definitions import load_definitions
 from buildfuzz.errors import DataFileError
 from buildfuzz.profile import load_profile
 from buildfuzz.repro import render_repro
-from buildfuzz.rules import load_rules, option_listing
+from buildfuzz.rules import load_rules, matching_rule, option_listing
 from buildfuzz.session import Session
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
@@ -165,3 +165,31 @@ def test_user_client_repro_reproduces(run_dir: Path) -> None:
     remove_tree(open_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "buildfuzz repro: REPRODUCED" in result.stdout
+
+
+def test_classic_permission_message_explained() -> None:
+    case = Case(builder="classic", client_user=USER, files=UNREADABLE)
+    log = "error checking context: no permission to read from '/x/context/private/key'"
+    rule = matching_rule(load_rules("expected"), case, log)
+    assert rule is not None
+    assert rule.id == "client-unreadable-context"
+
+
+def test_profile_of_user_clients_needs_open_workdir() -> None:
+    """A profile whose every client is the user stops when the user is locked out."""
+    from dataclasses import replace
+
+    from buildfuzz.campaign import _user_clients_allowed
+    from buildfuzz.errors import UsageError
+
+    default = load_profile("default")
+    only_user = replace(default, build=replace(default.build, client_users=(USER,)))
+    base = Path(tempfile.mkdtemp(prefix="bfu-", dir="/var/tmp"))
+    try:
+        with pytest.raises(UsageError, match=f"cannot enter {base}"):
+            _user_clients_allowed(only_user, base / "work")
+        assert not _user_clients_allowed(default, base / "work")
+        base.chmod(0o711)
+        assert _user_clients_allowed(only_user, base / "work")
+    finally:
+        remove_tree(base)

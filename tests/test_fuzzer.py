@@ -291,3 +291,31 @@ def test_explanation_offers_base_platforms(monkeypatch: pytest.MonkeyPatch) -> N
 
     assert offered((f"FROM {image}", "COPY . /")) == ["linux/amd64", "linux/arm64"]
     assert offered((f"FROM {image}", "RUN true")) == ["linux/amd64"]
+
+
+def test_engine_alone_is_reset() -> None:
+    """The 1-minimal pass tries the default engine with the case's own builder."""
+    from buildfuzz.minimize import simplifications
+
+    targets = (
+        Target("26.1", "buildx-docker"),
+        Target("20.10", "classic"),
+        Target("26.1", "classic"),
+    )
+    default = default_case(PROFILE, targets)
+    case = replace(default, engine="20.10", builder="classic")
+    labels = dict(simplifications(case, default, PROFILE, targets))
+    assert labels["reset engine"].engine == "26.1"
+    assert labels["reset engine"].builder == "classic"
+    assert "reset builder" not in labels  # the profile has no 20.10/buildx-docker
+
+
+def test_finding_page_lists_every_option() -> None:
+    from buildfuzz.finding_page import needed_axes
+
+    default = Case()
+    case = replace(default, client_user="buildfuzz", churn="append", no_cache=True)
+    rows = {axis: value for axis, value, _ in needed_axes(case, default)}
+    assert rows["client_user"] == "buildfuzz"
+    assert rows["churn"] == "append"
+    assert rows["no_cache"] == "True"

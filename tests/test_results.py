@@ -210,6 +210,7 @@ def test_malformed_finding_is_reported(store: ResultsStore, text: str) -> None:
     (directory / "finding.json").write_text(text)
 
     with pytest.raises(ResultsError) as raised:
-        store.findings()
+        store.load(RECORD.id)
 
     assert str(directory / "finding.json") in str(raised.value)
+    assert store.findings() == []  # listed without it, with a warning
