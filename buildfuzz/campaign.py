@@ -356,6 +356,16 @@ def run_campaign(options: RunOptions) -> RunSummary:
     if seed is None:
         seed = random.randrange(2**32)
     start_index = int(saved.get("next_index", 0)) if saved.get("seed") == seed else 0
+    if options.resume and not saved:
+        log.warning(
+            "--continue: no earlier run of this profile and shard; starting anew",
+            state=str(options.results / STATE_FILE),
+        )
+    elif options.resume and saved.get("seed") != seed:
+        log.warning(
+            "--continue: --seed is not the saved seed; starting at its first case",
+            saved_seed=saved.get("seed"),
+        )
     builders = sorted({target.builder for target in prepared.targets})
     ensure_installed(
         prepared.definitions,

@@ -171,6 +171,15 @@ def render(profile: Profile, counts: dict[str, Counter[str]] | None) -> list[str
         hits = hit_counts(profile, axis, counts.get(axis.recorded, Counter()))
         for value, hit in zip(values, hits, strict=True):
             lines.append(f"  {value:<{width}}  {hit}")
+    sequences = profile.sequences
+    lines.append("")
+    if sequences.share:
+        lines.append(
+            f"sequences: {sequences.share:g} of the budget, at most "
+            f"{sequences.max_steps} steps each"
+        )
+    else:
+        lines.append("sequences: off")
     return lines
 
 

@@ -139,3 +139,12 @@ def test_raw_byte_names_are_printable() -> None:
     names = section(lines, "context.names")
     assert "non-\\xffutf8" in names
     assert "new\\nline" in names
+
+
+def test_sequence_settings_listed() -> None:
+    from buildfuzz.strategies_cli import render
+
+    assert render(load_profile("nightly"), None)[-1] == (
+        "sequences: 0.2 of the budget, at most 8 steps each"
+    )
+    assert render(load_profile("default"), None)[-1] == "sequences: off"
