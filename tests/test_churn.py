@@ -55,7 +55,7 @@ def test_append_grows_the_file(tmp_path: Path) -> None:
     assert size == 200 + running.changes * len(churn.BLOCK)
 
 
-def test_rewrite_keeps_the_size(tmp_path: Path) -> None:
+def test_rewrite_never_grows_the_file(tmp_path: Path) -> None:
     (tmp_path / "b.log").write_bytes(b"x" * 100_000)
     running = _churn(Case(files=FILES, churn="rewrite"), tmp_path, 0.2)
     assert running.changes > 0
