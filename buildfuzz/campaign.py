@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -167,6 +168,7 @@ def prepare(options: RunOptions) -> Prepared:
         )
     if options.build_timeout <= 0:
         raise UsageError("--build-timeout must be a positive duration")
+    _check_free_disk(options.workdir, options.min_free)
     profile = load_profile(options.profile)
     secrets.check_available(profile.build.build_args, f"profile {profile.name}")
     definitions = load_definitions()
@@ -252,6 +254,20 @@ def prepare(options: RunOptions) -> Prepared:
             "and --offline was given; run `buildfuzz setup` first"
         )
     return Prepared(profile, definitions, rules, targets)
+
+
+def _check_free_disk(workdir: Path, min_free: int) -> None:
+    """Raise SetupError when the disk is below ``min_free`` before any case."""
+    probe = workdir.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < min_free:
+        raise SetupError(
+            f"free disk space under {probe} is {free // 2**20} MiB, below "
+            f"--min-free {min_free // 2**20} MiB; free some space or give a "
+            "smaller --min-free"
+        )
 
 
 def _user_clients_allowed(profile: Profile, workdir: Path) -> bool:
@@ -426,11 +442,6 @@ def run_campaign(options: RunOptions) -> RunSummary:
         errors = [result.error for result in results if result.error]
         if errors and not summary.stats.cases:
             raise EngineError(errors[0])
-        if summary.low_disk and not summary.stats.cases:
-            raise SetupError(
-                f"no case ran: free disk space under {options.workdir} is below "
-                "--min-free; free some space or give a smaller --min-free"
-            )
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("run interrupted; stopping engines and writing the summary")

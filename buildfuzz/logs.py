@@ -35,6 +35,8 @@ def configure(log_format: str = "console", *, verbose: bool = False) -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
         # Look sys.stderr up at each call: tests and tools may replace it.
-        logger_factory=lambda *_: structlog.PrintLogger(file=sys.stderr),
+        # WriteLogger writes each line with its newline in one call, so lines
+        # of forked workers sharing stderr do not run into each other.
+        logger_factory=lambda *_: structlog.WriteLogger(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -257,3 +257,16 @@ def test_run_accepts_directory_with_readme(tmp_path: Path) -> None:
 
     assert "holds other files" not in completed.stderr
     assert "buildfuzz setup" in completed.stderr
+
+
+def test_run_refuses_full_disk_before_writing(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    completed = buildfuzz(
+        "run", "--budget", "10s", "--min-free", "999T", "--results", str(results),
+        cwd=REPO,
+    )  # fmt: skip
+
+    assert completed.returncode == 2
+    assert "below --min-free" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert not results.exists()
