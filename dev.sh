@@ -86,7 +86,7 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
 fi
 
 # The user that runs rootless engines, with 65536 subordinate user and
-# group ids for their user namespaces (the range rootless Docker asks for).
+# group ids for their user namespaces (the range that rootless Docker requires).
 # A system user has no ids of its own in /etc/subuid, so they are added.
 if ! id -u buildfuzz >/dev/null 2>&1; then
   echo "dev.sh: creating user buildfuzz for rootless engines" >&2

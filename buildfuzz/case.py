@@ -65,11 +65,11 @@ OCI_MEDIATYPES = ("", "true", "false")
 # sends it as a tar on stdin (context "-", --file inside the tar), and
 # "stdin-dockerfile" sends the Dockerfile on stdin (--file -).
 CONTEXT_SOURCES = ("", "stdin-tar", "stdin-dockerfile")
-# Who runs the docker client: "" is root, as buildfuzz itself; "buildfuzz" is
-# the unprivileged user that ./dev.sh creates (see buildfuzz/client_user.py).
+# The user that runs the docker client: "" is root, as buildfuzz itself, and
+# "buildfuzz" the unprivileged user that ./dev.sh creates (client_user.py).
 CLIENT_USERS = ("", "buildfuzz")
-# How a context file changes while the client sends the context: "append"
-# grows it, "rewrite" empties and refills it (see buildfuzz/churn.py).
+# Changes to a context file while the client sends the context: "append"
+# grows it, and "rewrite" empties and refills it (see buildfuzz/churn.py).
 CHURN_MODES = ("", "append", "rewrite")
 
 
@@ -179,7 +179,7 @@ class Case:
         )
         data["dockerfile"] = list(self.dockerfile)
         data["files"] = [_file_to_dict(entry) for entry in self.files]
-        for name in _OPTIONAL_FIELDS:
+        for name in OPTIONAL_FIELDS:
             if getattr(self, name) == getattr(Case, name):
                 del data[name]
         if self.dockerfile_dockerignore is not None:
@@ -271,10 +271,12 @@ class Case:
         return "-" if self.context_from == "stdin-tar" else context
 
 
-_OPTIONAL_FIELDS = (
+# Case fields added after schema 1, in the order the minimizer resets them.
+# to_dict() leaves them out at their default.
+OPTIONAL_FIELDS = (
     "bulk",
-    "dockerfile_name",
     "dockerfile_dockerignore",
+    "dockerfile_name",
     "target",
     "no_cache",
     "tags",

@@ -16,9 +16,9 @@ build runs, a thread changes it every few milliseconds:
 The builder may take any state of the file, so the tree oracle compares
 its type, mode and owner but not its size, content or mtime.
 
-NOTE: so a builder that sends bytes the file never held (a zero-filled
-tail, say) is not caught; the copy would have to be checked against the
-states the file went through.
+NOTE: a builder that sends bytes the file never contained, such as a
+zero-filled tail, is therefore not caught. Catching it would need a check
+of the copy against the states that the file went through.
 """
 
 import os

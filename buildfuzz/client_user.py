@@ -2,9 +2,9 @@
 
 buildfuzz runs as root, so a case with ``client_user = "buildfuzz"`` runs its
 build command through ``setpriv`` as that user (./dev.sh creates it). The
-client then reads the context with the user's rights: a file of mode 0600
+client then reads the context with the user's rights. A file of mode 0600
 owned by root, or a directory of mode 0700, is unreadable to it, as it is
-for a developer who builds a checkout that contains such files.
+to a developer who builds a checkout that contains such files.
 
 The user may use the daemon, as a member of the docker group may: the
 group of the daemon's socket becomes the user's group. The CLI and the

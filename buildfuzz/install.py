@@ -86,7 +86,7 @@ def ensure_installed(
         try:
             ensure_scanner_binary()
         except SetupError as error:
-            # Runs skip the SBOM cases then, and say why once.
+            # Runs then skip the SBOM cases and log the reason once.
             log.warning(
                 "sbom scanner not built; sbom cases will be skipped", error=str(error)
             )

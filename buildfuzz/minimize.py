@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from buildfuzz.case import Case, ContextFile, FileKind
+from buildfuzz.case import OPTIONAL_FIELDS, Case, ContextFile, FileKind
 from buildfuzz.profile import Profile
 from buildfuzz.strategies import BASE_IMAGES, Target, case_platforms
 
@@ -23,24 +23,8 @@ log = structlog.get_logger(__name__)
 
 Reproduces = Callable[[Case], bool]
 ENGINE_OPTIONS = ("storage_driver", "containerd_store", "data_root_mib", "memory_mib")
-# Case fields whose default is the Case's own (see case.py).
-CASE_OPTIONS = (
-    "bulk",
-    "dockerfile_dockerignore",
-    "dockerfile_name",
-    "target",
-    "no_cache",
-    "tags",
-    "cache",
-    "attest",
-    "build_secrets",
-    "compression",
-    "force_compression",
-    "oci_mediatypes",
-    "context_from",
-    "client_user",
-    "churn",
-)
+# Case fields whose default is the Case's own.
+CASE_OPTIONS = OPTIONAL_FIELDS
 
 # Attributes of a context file that a step resets to the profile's default.
 FILE_ATTRIBUTES = ("size", "mode", "uid", "gid", "mtime_ns", "xattrs")
