@@ -7,8 +7,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from python_on_whales import DockerClient
 
+from buildfuzz import build
 from buildfuzz.baseimage import import_busybox
+from buildfuzz.build import IMAGE_NAME as IMAGE
 from buildfuzz.build import CaseRunner
 from buildfuzz.case import Case, ContextFile, FileKind, Output
 from buildfuzz.definitions import load_definitions
@@ -68,6 +71,7 @@ CASES = [
         dockerfile=(f"FROM {BUSYBOX_IMAGE}", "COPY . /ctx/", "RUN ls -lan /ctx"),
         builder=builder,
         output=output,
+        tags=(f"{IMAGE}:second",),
     )
     for builder, output in [
         ("classic", Output.LOAD),
@@ -88,16 +92,46 @@ def test_builds_pass_on_every_builder(name: str, run_dir: Path) -> None:
             docker, load_definitions().builders, run_dir / "cases", timeout=120
         )
         results = [runner.run(case.with_changes(engine=name)) for case in CASES]
+        runner.close()
+        left = image_tags(docker)
     finally:
         engine.stop()
 
     for case, result in zip(CASES, results, strict=True):
         assert result.succeeded, f"{case.builder}/{case.output}: {result.log[-800:]}"
         assert result.duration > 0
+    assert left == [BUSYBOX_IMAGE]  # each case's image was removed after it
     # The RUN step's listing shows the context arrived with its mode and size
     # (COPY without --chown gives every file to root, so no 1000 here).
     assert "-rwsr-xr-x" in results[1].log
     assert " 513 " in results[1].log
+
+
+def image_tags(docker: DockerClient) -> list[str]:
+    return sorted(tag for image in docker.image.list() for tag in image.repo_tags)
+
+
+def test_images_removed_when_engine_api_refused(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An engine that refuses buildfuzz's Engine API version (newer engines
+    # drop old versions) still has each case's images removed.
+    monkeypatch.setattr(build, "ENGINE_API_VERSION", "1.99")
+    engine = start_engine("26.1", run_dir)
+    try:
+        docker = client_tools(run_dir).docker(engine.host)
+        runner = CaseRunner(
+            docker, load_definitions().builders, run_dir / "cases", timeout=120
+        )
+        case = Case(dockerfile=("FROM scratch", "COPY . /"), tags=(f"{IMAGE}:second",))
+        result = runner.run(case)
+        runner.close()
+        left = image_tags(docker)
+    finally:
+        engine.stop()
+
+    assert result.succeeded, result.log[-800:]
+    assert left == []
 
 
 def test_failed_build_keeps_complete_log(run_dir: Path) -> None:
