@@ -1,8 +1,10 @@
 """Fetch everything a run needs into the cache: engines, client, base parts."""
 
+import fcntl
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import structlog
@@ -10,6 +12,7 @@ import structlog
 from buildfuzz.definitions import Definitions, EngineDefinition, PackageSet
 from buildfuzz.errors import SetupError
 from buildfuzz.packages import ensure_tree, tree_is_ready, tree_path
+from buildfuzz.paths import cache_root
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +43,17 @@ def ensure_installed(
         raise SetupError("buildfuzz setup needs root: run it with sudo or as root")
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise SetupError("apt-get and dpkg-deb not found; buildfuzz needs Debian's apt")
+    with cache_lock():
+        _install(definitions, engines, builders or [], list(bases), attestations)
 
+
+def _install(
+    definitions: Definitions,
+    engines: list[str],
+    builders: list[str],
+    bases: list[str],
+    attestations: Iterable[str],
+) -> None:
     ensure_tree(CLIENT_TREE, definitions.client.packages)
     ensure_tree(BUSYBOX_TREE, BUSYBOX_PACKAGES)
     for name in engines:
@@ -56,8 +69,7 @@ def ensure_installed(
 
     # runc for BuildKit images and host daemons (the registry bases are built
     # by one) comes from this engine's tree.
-    bases = list(bases)
-    if any(definitions.builders[b].buildkit for b in builders or []) or any(
+    if any(definitions.builders[b].buildkit for b in builders) or any(
         name in FORMATS_BY_NAME for name in bases
     ):
         ensure_tree(
@@ -66,13 +78,9 @@ def ensure_installed(
         registry_binary()
     from buildfuzz.buildx_versions import ensure_buildx_plugin
 
-    for plugin in sorted(
-        {definitions.builders[b].buildx for b in builders or []} - {""}
-    ):
+    for plugin in sorted({definitions.builders[b].buildx for b in builders} - {""}):
         ensure_buildx_plugin(plugin)
-    for version in sorted(
-        {definitions.builders[b].buildkit for b in builders or []} - {""}
-    ):
+    for version in sorted({definitions.builders[b].buildkit for b in builders} - {""}):
         log.info("building BuildKit if not cached", version=version)
         ensure_buildkit_binaries(version)
     # The registry bases: their BuildKit, runc, registry and foreign busybox.
@@ -90,6 +98,27 @@ def ensure_installed(
             log.warning(
                 "sbom scanner not built; sbom cases will be skipped", error=str(error)
             )
+
+
+@contextmanager
+def cache_lock() -> Iterator[None]:
+    """Hold the cache's set-up lock: one buildfuzz at a time fills the cache.
+
+    Two set-ups on one machine (a run and the tests, say) would otherwise
+    unpack and compile into the same directories at once.
+    """
+    path = cache_root() / "setup.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another buildfuzz set-up to finish", lock=str(path))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def builder_problem(definitions: Definitions, name: str) -> str | None:
