@@ -142,6 +142,7 @@ def compile_release(
     program: str,
     fix: str,
     tags: str = "",
+    ldflags: Sequence[str] = (),
 ) -> None:
     """Compile ``module``'s ``./cmd/NAME`` programs of ``version`` into ``output``.
 
@@ -149,6 +150,8 @@ def compile_release(
     replace or exclude directives, so the build runs in a copy of the module.
     A module download keeps only vendor/modules.txt of a vendored release,
     so the dependencies always come from the module cache (-mod=mod).
+    ``ldflags`` go to the linker after the version variables of
+    ``MODULE/version``.
     """
     go = go_toolchain()
     downloaded = download_module(go, module, version)
@@ -159,16 +162,16 @@ def compile_release(
         if not path.is_symlink():
             path.chmod(path.stat().st_mode | 0o200)
     package = f"{module}/version"
-    ldflags = [f"-X {package}.Version={version}", f"-X {package}.Package={module}"]
+    linker = [f"-X {package}.Version={version}", f"-X {package}.Package={module}"]
     revision = downloaded.get("Origin", {}).get("Hash")
     if revision:
-        ldflags.append(f"-X {package}.Revision={revision}")
+        linker.append(f"-X {package}.Revision={revision}")
     run_go(
         go,
         [
             "build", "-mod=mod", "-trimpath",
             *(["-tags", tags] if tags else []),
-            "-ldflags", " ".join(ldflags),
+            "-ldflags", " ".join([*linker, *ldflags]),
             "-o", f"{output}/",
             *(f"./cmd/{name}" for name in commands),
         ],

@@ -379,8 +379,8 @@ def _sbom_check(case: Case) -> list[str]:
         f'if [ -z "${{{SBOM_VARIABLE}:-}}" ]; then',
         f"  echo 'repro.sh: set {SBOM_VARIABLE} to an SBOM generator image that",
         "the builder can pull, such as docker/buildkit-syft-scanner (buildfuzz",
-        f"built {SCANNER_MODULE} {SCANNER_VERSION}); the case makes an SBOM",
-        "attestation' >&2",
+        f"used one around {SCANNER_MODULE} {SCANNER_VERSION}); the case makes an",
+        "SBOM attestation' >&2",
         "  exit 2",
         "fi",
     ]

@@ -1,12 +1,13 @@
 """Tests of SBOM attestations: the case axis, rules, repro.sh and real builds.
 
-The builds that make an SBOM need the scanner that buildfuzz compiles from
-the Go module proxy. They are skipped only when the download of the
-scanner's module fails.
+The builds that make an SBOM need syft, which buildfuzz compiles from the
+Go module proxy into its generator image. They are skipped only when the
+download of syft's module fails.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from collections.abc import Callable
@@ -18,17 +19,23 @@ import pytest
 from buildfuzz.build import BuildResult
 from buildfuzz.case import ATTESTATIONS, Case, ContextFile, Output, case_from_dict
 from buildfuzz.errors import DataFileError, SetupError
+from buildfuzz.install import BUSYBOX_TREE, busybox_binary
 from buildfuzz.oracle_model import expected_tree
 from buildfuzz.oracle_push import MANIFEST_FAMILIES, PushedImage
+from buildfuzz.packages import tree_path
 from buildfuzz.profile import load_profile
 from buildfuzz.repro import render_repro
 from buildfuzz.rules import load_rules, matching_rule, option_listing
 from buildfuzz.sbom_scanner import (
+    GENERATOR,
+    GENERATOR_SCRIPT,
     MARKER,
+    SCANNER_CHANGES,
     SCANNER_IMAGE,
     ensure_scanner_binary,
     needs_scanner,
     scanner_dir,
+    scanner_rootfs_tar,
 )
 from buildfuzz.session import EngineUnavailable, Session
 from buildfuzz.signature import Phase, Signature
@@ -150,7 +157,7 @@ def test_model_leaves_the_sbom_file_to_the_builder(output: Output) -> None:
         (
             "buildx-docker-v0-38",
             Output.LOAD,
-            '#9 ERROR: process "/bin/syft-scanner" did not complete successfully: '
+            '#9 ERROR: process "/bin/buildkit-sbom" did not complete successfully: '
             "network bridge not found\n",
             "docker-driver-sbom-network",
         ),
@@ -242,6 +249,74 @@ def scanner() -> Path:
         if "failed to download" in str(error):
             pytest.skip(f"the SBOM scanner cannot be downloaded: {error}")
         raise
+
+
+@pytest.mark.usefixtures("installed")
+def test_generator_follows_the_protocol(scanner: Path, tmp_path: Path) -> None:
+    # The script alone, with the host's cat and basename: a statement for the
+    # main file system and one for each directory of extras, nothing else.
+    source = tmp_path / "src" / "core"
+    shutil.copytree(tree_path(BUSYBOX_TREE), source, symlinks=True)
+    extras = tmp_path / "src" / "extras"
+    (extras / "extra-stage" / "etc").mkdir(parents=True)
+    (extras / "stray-file").write_text("not a file system")
+    destination = tmp_path / "out"
+    destination.mkdir()
+    script = tmp_path / GENERATOR
+    script.write_text(GENERATOR_SCRIPT)
+    environment = {
+        "PATH": f"{scanner.parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "BUILDKIT_SCAN_SOURCE": str(source),
+        "BUILDKIT_SCAN_SOURCE_EXTRAS": str(extras),
+        "BUILDKIT_SCAN_DESTINATION": str(destination),
+    }
+
+    subprocess.run(["sh", str(script)], env=environment, check=True, timeout=300)
+
+    written = sorted(path.name for path in destination.iterdir())
+    assert written == ["core.spdx.json", "extra-stage.spdx.json"]
+    statement = json.loads((destination / "core.spdx.json").read_text())
+    assert statement["_type"] == "https://in-toto.io/Statement/v0.1"
+    assert statement["predicateType"] == SPDX_PREDICATE
+    assert "busybox" in _names(statement["predicate"])
+
+
+def test_generator_without_extras(scanner: Path, tmp_path: Path) -> None:
+    source = tmp_path / "core"
+    (source / "etc").mkdir(parents=True)
+    destination = tmp_path / "out"
+    destination.mkdir()
+    environment = {
+        "PATH": f"{scanner.parent}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "BUILDKIT_SCAN_SOURCE": str(source),
+        "BUILDKIT_SCAN_DESTINATION": str(destination),
+    }
+
+    subprocess.run(
+        ["sh", "-c", GENERATOR_SCRIPT], env=environment, check=True, timeout=300
+    )
+
+    assert [path.name for path in destination.iterdir()] == ["core.spdx.json"]
+
+
+@pytest.mark.usefixtures("installed")
+def test_generator_image_holds_syft_busybox_and_script(
+    scanner: Path, tmp_path: Path
+) -> None:
+    tar_path = scanner_rootfs_tar(tmp_path / "rootfs.tar", Path(busybox_binary()))
+
+    with tarfile.open(tar_path) as archive:
+        members = {member.name: member for member in archive.getmembers()}
+        script = archive.extractfile(f"bin/{GENERATOR}")
+        assert script is not None
+        assert script.read().decode() == GENERATOR_SCRIPT
+    assert members["bin/syft"].size == scanner.stat().st_size
+    assert members["bin/sh"].linkname == "busybox"
+    assert members["tmp"].mode == 0o1777
+    assert f'ENTRYPOINT ["/bin/{GENERATOR}"]' in SCANNER_CHANGES
+    assert "ENV SYFT_CHECK_FOR_APP_UPDATE=false" in SCANNER_CHANGES
 
 
 @pytest.mark.engine
