@@ -68,6 +68,7 @@ class ShrinkResult:
     reproduced: int = 0
     attempts: int = 0
     explanation: list[AxisReport] = field(default_factory=list)
+    explain_builds: int = 0  # the part of ``builds`` that explained the axes
     shrunk: bool = True  # false when no re-run reproduced the finding
     tries: int = 1  # builds a simplification may take to reproduce
     interrupted: bool = False  # Ctrl-C or SIGTERM cut shrinking short
@@ -404,8 +405,8 @@ class Fuzzer:
             targets=self.targets,
             deadline=deadline,
         )
-        shrunk.builds += builds
         shrunk.complete = shrunk.complete and minimal.complete
+        minimizing = builds
         if minimal.case != shrunk.case:
             record = outcomes[minimal.case.to_json()]
             assert record is not None  # one_minimal keeps only reproducing cases
@@ -418,6 +419,9 @@ class Fuzzer:
             targets=self.targets,
             deadline=deadline,
         )
+        # The explanation's builds count too, as they do in the run's stats.
+        shrunk.builds += builds
+        shrunk.explain_builds = builds - minimizing
 
     @staticmethod
     def _is_target(record: CaseRecord, signature: Signature) -> bool:

@@ -230,6 +230,27 @@ def test_shrinking_builds_no_case_twice() -> None:
     assert built.count(final) == 1 + CONFIRM_RUNS
 
 
+def test_finding_and_run_count_the_same_shrink_builds() -> None:
+    events: list[FindingEvent] = []
+    fuzzer = Fuzzer(
+        cases(PROFILE, TARGETS),
+        fake_builder(two_axes),
+        profile=PROFILE,
+        targets=TARGETS,
+        seed=5,
+        known=lambda signature: False,
+        on_finding=events.append,
+        may_continue=lambda: not events,
+    )
+    fuzzer.run(time.monotonic() + 30, shrink_budget=30)
+    shrunk = next(event.shrunk for event in events if event.new)
+
+    assert shrunk is not None
+    assert shrunk.explanation  # the explanation's builds are part of the count
+    assert shrunk.builds == fuzzer.stats.shrink_builds
+    assert 0 < shrunk.explain_builds < shrunk.builds
+
+
 def test_one_minimal_leaves_no_reproducing_step() -> None:
     default = default_case(PROFILE, TARGETS)
     case = replace(
