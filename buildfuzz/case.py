@@ -12,8 +12,12 @@ from enum import StrEnum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import structlog
+
 from buildfuzz import secrets
 from buildfuzz.errors import DataFileError
+
+log = structlog.get_logger(__name__)
 
 CASE_SCHEMA = 1
 DOCKERFILE = "Dockerfile"
@@ -517,7 +521,16 @@ def load_case(path: Path) -> Case:
             path, f"case file is not valid JSON (line {error.lineno}): {error.msg}"
         ) from None
 
-    return case_from_dict(data, source=path)
+    case = case_from_dict(data, source=path)
+    # buildfuzz always writes both; a hand-written case may leave them out.
+    for name in ("engine", "builder"):
+        if name not in data:
+            log.warning(
+                f"the case names no {name}; using the default",
+                file=str(path),
+                default=getattr(case, name),
+            )
+    return case
 
 
 __all__ = [

@@ -7,6 +7,7 @@ reproduced), 2 usage or environment error, 130 interrupted.
 import os
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, NoReturn
@@ -329,6 +330,12 @@ def run(
         )
     for target, count in sorted(stats.per_target.items()):
         lines.append(f"  cases on {target:<36} {count}")
+    if summary.regressions:
+        counts = Counter(str(check.status) for check in summary.regressions)
+        lines.append(
+            f"  earlier findings   {len(summary.regressions)} replayed: "
+            + ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+        )
     for check in summary.regressions:
         lines.append(f"  regression         {check.name}: {check.status}")
     for finding_id in summary.new_findings + summary.known_findings:

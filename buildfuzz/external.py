@@ -49,13 +49,28 @@ def daemon_facts(definition: EngineDefinition) -> tuple[dict[str, Any], dict[str
             if definition.context
             else "the daemon's address (unix:///PATH or tcp://HOST:PORT)"
         )
-        reason = (
-            str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        )
         raise EngineError(
-            f"cannot reach the Docker daemon at {definition.host!r}: {reason}; "
+            f"cannot reach the Docker daemon at {definition.host!r}: "
+            f"{_root_cause(error)}; "
             f"check {where}"
         ) from None
+
+
+def _root_cause(error: BaseException) -> str:
+    """Return the system error under docker-py's and requests' wrappers.
+
+    "Connection refused" is clearer than "Max retries exceeded with url" and
+    the pool's repr around it; an error without one keeps its first line.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:300]
 
 
 def daemon_status(definition: EngineDefinition) -> tuple[str, str | None]:

@@ -1,9 +1,11 @@
 """Tests of the case model: JSON round trip and rejection of malformed cases."""
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
+from structlog.testing import capture_logs
 
 from buildfuzz.case import (
     CASE_SCHEMA,
@@ -392,3 +394,27 @@ def test_unknown_cache_or_attestation_is_refused(field: str, value: object) -> N
 
     with pytest.raises(DataFileError, match=f"{field} must be one of"):
         case_from_dict(data)
+
+
+def test_case_without_engine_or_builder_warns(tmp_path: Path) -> None:
+    path = tmp_path / "case.json"
+    path.write_text(json.dumps({"schema": 1, "dockerfile": ["FROM scratch"]}))
+
+    with capture_logs() as logs:
+        case = load_case(path)
+
+    warned = {entry["event"]: entry["default"] for entry in logs}
+    assert warned == {
+        "the case names no engine; using the default": case.engine,
+        "the case names no builder; using the default": case.builder,
+    }
+
+
+def test_written_case_loads_without_warning(tmp_path: Path) -> None:
+    path = tmp_path / "case.json"
+    path.write_text(Case(dockerfile=("FROM scratch",)).to_json())
+
+    with capture_logs() as logs:
+        load_case(path)
+
+    assert logs == []

@@ -299,9 +299,14 @@ def test_disposable_engine_needs_a_daemon(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "host", ["unix:///nonexistent.sock", "tcp://127.0.0.1:1", "http://foo"]
+    ("host", "reason"),
+    [
+        ("unix:///nonexistent.sock", "No such file or directory"),
+        ("tcp://127.0.0.1:1", "Connection refused"),
+        ("http://foo", ""),
+    ],
 )
-def test_unreachable_daemon_is_one_line(tmp_path: Path, host: str) -> None:
+def test_unreachable_daemon_is_one_line(tmp_path: Path, host: str, reason: str) -> None:
     results = tmp_path / "results"
 
     completed = buildfuzz(
@@ -310,7 +315,8 @@ def test_unreachable_daemon_is_one_line(tmp_path: Path, host: str) -> None:
     )  # fmt: skip
 
     assert completed.returncode == 2
-    assert f"cannot reach the Docker daemon at '{host}'" in completed.stderr
+    assert f"cannot reach the Docker daemon at '{host}': {reason}" in completed.stderr
+    assert "Max retries" not in completed.stderr
     assert "Traceback" not in completed.stderr
     assert not results.exists()
 

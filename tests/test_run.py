@@ -284,7 +284,8 @@ def test_ci_mode_reports_known_findings(tmp_path: Path) -> None:
     assert first.returncode == 1, first.stderr[-2000:]
     assert "(2 new, 0 known)" in first.stdout
     assert second.returncode == 3, second.stderr[-2000:]
-    assert second.stdout.count("still failing") == 2
+    assert second.stdout.count(": still failing") == 2
+    assert "earlier findings   2 replayed: 2 still failing" in second.stdout
     assert "(0 new, 2 known)" in second.stdout
     assert (tmp_path / "junit.xml").exists()
     assert "still failing" in (tmp_path / "summary.md").read_text()
