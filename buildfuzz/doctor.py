@@ -19,6 +19,7 @@ from buildfuzz.install import (
 from buildfuzz.limits import MemoryCgroup
 from buildfuzz.packages import tree_path
 from buildfuzz.profile import Profile
+from buildfuzz.sbom_scanner import MARKER, SCANNER_COMMAND, SCANNER_VERSION, scanner_dir
 from buildfuzz.workdir import DEFAULT_BASE
 
 MIN_FREE_GIB = 5.0
@@ -69,6 +70,7 @@ def run_checks(definitions: Definitions, profile: Profile) -> list[Check]:
         _disk_check(DEFAULT_BASE, "free disk (work directory)"),
         _binfmt_check(),
         _go_check(),
+        _syft_check(),
         _registry_check(),
         _fuse_check(),
         Check(
@@ -221,6 +223,18 @@ def _go_check() -> Check:
         bool(version),
         version or "not found",
         "install Go (Debian golang-go, or the Go toolchain) to build BuildKit images",
+        required=False,
+    )
+
+
+def _syft_check() -> Check:
+    binary = scanner_dir() / SCANNER_COMMAND
+    ready = (scanner_dir() / MARKER).is_file() and binary.exists()
+    return Check(
+        "syft (SBOM generator)",
+        ready,
+        f"{SCANNER_VERSION} in {binary}" if ready else "not built",
+        "buildfuzz compiles it from the Go module proxy on the first SBOM case",
         required=False,
     )
 

@@ -37,6 +37,9 @@ def test_doctor_names_fix_when_empty(tmp_path: Path) -> None:
     assert completed.returncode == 1
     assert "NOT ready" in completed.stdout
     assert "buildfuzz setup" in completed.stdout
+    # Optional: only SBOM cases need syft, and it is built on the first one.
+    assert "syft (SBOM generator)" in completed.stdout
+    assert "compiles it from the Go module proxy" in completed.stdout
 
 
 @pytest.mark.usefixtures("installed")
