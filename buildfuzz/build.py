@@ -106,27 +106,33 @@ class CaseRunner:
         case_dir = self.work_dir / f"case-{self._counter}"
         context = materialize(case, case_dir / "context")
         builder = self.builders[case.builder]
+        pushed = ""
         try:
+            pushed = self._push_reference(case)
             self._wait_for_forgetting()
             with ContextChurn(case, context) as churn:
-                result = self._build(case, builder, case_dir, context)
+                result = self._build(case, builder, case_dir, context, pushed)
             if churn.error is not None:
                 result.notes.append(f"the context did not change: {churn.error}")
             if inspect is not None:
                 inspect(result, case_dir)
             return result
         finally:
-            self._remove_image(case.tags)
+            self._remove_image(image_names(case, builder, pushed))
             if self.forget_contexts and not builder.classic:
                 self._forget_contexts(builder)
             shutil.rmtree(case_dir, ignore_errors=True)
 
     def _build(
-        self, case: Case, builder: BuilderDefinition, case_dir: Path, context: Path
+        self,
+        case: Case,
+        builder: BuilderDefinition,
+        case_dir: Path,
+        context: Path,
+        pushed: str,
     ) -> BuildResult:
         lines: list[str] = []
         timeout = scaled_timeout(case, self.timeout)
-        pushed = self._push_reference(case)
         watchdog = _Watchdog(case_dir, timeout)
         started = time.monotonic()
         exit_status = 0
@@ -254,14 +260,13 @@ class CaseRunner:
             self._forgetting.join()
             self._forgetting = None
 
-    def _remove_image(self, extra_tags: tuple[str, ...] = ()) -> None:
-        """Remove the case's image and its tags, if the build made them.
+    def _remove_image(self, names: list[str]) -> None:
+        """Remove the images ``names`` that the build made.
 
         On a unix socket this takes one Engine API request per tag on a kept
         connection, not a docker CLI process, whose start costs more than the
         removal of a small image.
         """
-        names = [f"{IMAGE_NAME}:latest", f"{IMAGE_NAME}:loaded", *extra_tags]
         client = self._engine_api()
         if client is not None and _remove_through_api(client, names):
             return
@@ -449,6 +454,20 @@ def disk_needed(case: Case) -> int:
     context, the layer, the exported image) and do not keep holes sparse.
     """
     return context_size(case)[0] * DISK_COPIES
+
+
+def image_names(case: Case, builder: BuilderDefinition, pushed: str = "") -> list[str]:
+    """Return the names of the images that building ``case`` may create.
+
+    ``pushed`` is the reference that an Output.PUSH case pushes to; the
+    docker driver keeps that image in the engine too.
+    """
+    names = list(case.tags) + ([pushed] if pushed else [])
+    if builder.classic or case.output is Output.LOAD:
+        names.insert(0, tag_for(case))
+    elif case.output is Output.DOCKER_TAR:
+        names.insert(0, f"{IMAGE_NAME}:loaded")
+    return names
 
 
 def tag_for(case: Case) -> str:

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from buildfuzz.baseimage import import_busybox
-from buildfuzz.build import BuildResult, CaseRunner, buildx_arguments
+from buildfuzz.build import BuildResult, CaseRunner, buildx_arguments, image_names
 from buildfuzz.buildx_builders import BuilderPool
 from buildfuzz.case import Case, Output, case_from_dict, load_case
 from buildfuzz.definitions import load_definitions
@@ -113,6 +113,26 @@ def test_runner_without_registry_names_the_fix(tmp_path: Path) -> None:
 
     with pytest.raises(EngineError, match="give CaseRunner a push_registry"):
         runner._push_reference(Case(output=Output.PUSH))
+
+
+@pytest.mark.parametrize(
+    ("builder", "output", "expected"),
+    [
+        ("classic", Output.LOAD, ["buildfuzz-case:latest", "extra:1"]),
+        ("buildx-docker", Output.LOAD, ["buildfuzz-case:latest", "extra:1"]),
+        ("container-v0-34", Output.DOCKER_TAR, ["buildfuzz-case:loaded", "extra:1"]),
+        ("container-v0-34", Output.TAR, ["extra:1"]),
+        ("buildx-docker", Output.PUSH, ["extra:1", "localhost:5000/x:1"]),
+    ],
+)
+def test_runner_removes_the_images_a_build_makes(
+    builder: str, output: Output, expected: list[str]
+) -> None:
+    case = Case(builder=builder, output=output, tags=("extra:1",))
+    pushed = "localhost:5000/x:1" if output is Output.PUSH else ""
+    definition = load_definitions().builders[builder]
+
+    assert image_names(case, definition, pushed) == expected
 
 
 def test_profile_reads_push_pools(tmp_path: Path) -> None:
@@ -379,6 +399,26 @@ def test_container_builder_pushes_what_it_is_asked(
         assert evaluation.verdict is Verdict.PASS, f"{compression}: {evaluation}"
         assert result.pushed.startswith("localhost:")
     assert unforced[1].verdict is Verdict.PASS, unforced[1]
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_docker_driver_push_leaves_no_image(
+    pushing: tuple[CaseRunner, OracleSuite],
+) -> None:
+    # The docker driver pushes from the engine's image store, where the
+    # pushed image stays unless the runner removes it.
+    runner, suite = pushing
+
+    result, evaluation = _judge(
+        runner, suite, _push_case("buildx-docker", "", False, "")
+    )
+
+    assert result.succeeded, result.log[-1500:]
+    assert evaluation.verdict is Verdict.PASS, evaluation
+    repository = result.pushed.rpartition(":")[0]
+    tags = [tag for image in runner.docker.image.list() for tag in image.repo_tags]
+    assert not [tag for tag in tags if tag.startswith(repository)], tags
 
 
 @pytest.mark.engine
