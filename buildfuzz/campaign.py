@@ -174,6 +174,7 @@ def prepare(options: RunOptions) -> Prepared:
     definitions = load_definitions()
     rules = load_rules(profile.rules)
     ResultsStore.check(options.results)
+    ResultsStore.check_findings(options.results)
     if options.disposable_engine and not options.engine_host:
         raise UsageError(
             "--disposable-engine marks the --engine-host daemon as a throw-away "

@@ -167,22 +167,16 @@ class ResultsStore:
 
     def load(self, finding_id: str) -> FindingRecord | None:
         path = self.finding_dir(finding_id) / "finding.json"
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.exists() and not path.is_symlink():
             return None
-        except (OSError, json.JSONDecodeError) as error:
-            raise ResultsError(
-                f"{path}: cannot read finding: {error}; restore the file, or "
-                "remove its directory to drop the finding"
-            ) from None
-        try:
-            return FindingRecord(**data)
-        except TypeError as error:
-            raise ResultsError(
-                f"{path}: cannot read finding: {error}; "
-                "the file was changed by hand or written by another buildfuzz version"
-            ) from None
+        return read_finding(path)
+
+    @staticmethod
+    def check_findings(root: Path) -> None:
+        """Raise ResultsError for the first finding.json under ``root`` that
+        cannot be read, so that a run stops before it writes anything."""
+        for path in sorted(root.glob("*/finding.json")):
+            read_finding(path)
 
     def write(self, record: FindingRecord, files: dict[str, str | bytes]) -> Path:
         """Write a finding's files, then its ``finding.json`` last."""
@@ -225,3 +219,21 @@ class ResultsStore:
 
 def json_text(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def read_finding(path: Path) -> FindingRecord:
+    """Read the finding.json at ``path``; raise ResultsError naming the fix."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ResultsError(
+            f"{path}: cannot read finding: {error}; restore the file, or "
+            "remove its directory to drop the finding"
+        ) from None
+    try:
+        return FindingRecord(**data)
+    except TypeError as error:
+        raise ResultsError(
+            f"{path}: cannot read finding: {error}; "
+            "the file was changed by hand or written by another buildfuzz version"
+        ) from None

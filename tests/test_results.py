@@ -17,6 +17,7 @@ from buildfuzz.results import (
     ResultsStore,
     write_atomic,
 )
+from tests.conftest import REPO, buildfuzz
 
 RECORD = FindingRecord(
     id="0123456789ab",
@@ -214,3 +215,20 @@ def test_malformed_finding_is_reported(store: ResultsStore, text: str) -> None:
 
     assert str(directory / "finding.json") in str(raised.value)
     assert store.findings() == []  # listed without it, with a warning
+
+
+def test_run_stops_on_damaged_finding_before_writing(tmp_path: Path) -> None:
+    store = ResultsStore(tmp_path / "results").open()
+    directory = store.write(RECORD, {})
+    store.close()
+    (directory / "finding.json").write_text('{"id": "22a4')
+    before = sorted(path.name for path in store.root.rglob("*"))
+
+    completed = buildfuzz(
+        "run", "--budget", "1m", "--results", str(store.root), cwd=REPO, timeout=120
+    )
+
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert f"{directory / 'finding.json'}: cannot read finding" in completed.stderr
+    assert "engine started" not in completed.stderr
+    assert sorted(path.name for path in store.root.rglob("*")) == before
