@@ -575,6 +575,7 @@ def sandbox(
 
     from buildfuzz.baseimage import import_busybox
     from buildfuzz.client import ClientTools
+    from buildfuzz.client_user import UserClient
     from buildfuzz.definitions import load_definitions
     from buildfuzz.dind import sandbox_engine
     from buildfuzz.install import (
@@ -605,9 +606,13 @@ def sandbox(
         )
         daemon.start()
         import_busybox(tools.docker(daemon.host), Path(busybox_binary()), run_dir)
+        # The repro.sh of a case with a non-root client runs these as that user.
+        cli, config = UserClient(run_dir).share(
+            tools.cli, tools.config_dir, daemon.host
+        ) or (tools.cli, tools.config_dir)
         typer.echo(f"export DOCKER_HOST={daemon.host}")
-        typer.echo(f"export DOCKER_CONFIG={tools.config_dir}")
-        typer.echo(f"export PATH={tools.cli.parent}:$PATH")
+        typer.echo(f"export DOCKER_CONFIG={config}")
+        typer.echo(f"export PATH={cli.parent}:$PATH")
         typer.echo("# sandbox engine running; press Ctrl-C to stop and remove it")
         while daemon.is_healthy():
             time.sleep(1)

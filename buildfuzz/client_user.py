@@ -111,6 +111,21 @@ class UserClient:
         }
         return [*prefix, "--init-groups", *words], environment
 
+    def share(self, cli: Path, config: Path, host: str) -> tuple[Path, Path] | None:
+        """Let the user run ``cli`` with ``config`` against the daemon at ``host``.
+
+        Return the user's links to the CLI and the configuration directory,
+        which root may use as well, or None when the user does not exist.
+        """
+        try:
+            account = pwd.getpwnam(self.user)
+        except KeyError:
+            return None
+        user_cli, user_config = self._client_files(cli, config, account)
+        if host.startswith("unix://"):
+            self._open_socket(Path(host.removeprefix("unix://")), account)
+        return user_cli, user_config
+
     def _client_files(
         self, cli: Path, config: Path, account: pwd.struct_passwd
     ) -> tuple[Path, Path]:

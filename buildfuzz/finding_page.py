@@ -7,6 +7,7 @@ from buildfuzz.minimize import CASE_OPTIONS, default_case
 from buildfuzz.profile import Profile
 from buildfuzz.results import FindingRecord
 from buildfuzz.rules import context_listing
+from buildfuzz.signature import Phase
 from buildfuzz.strategies import Target
 
 LOG_LINES = 25
@@ -139,6 +140,7 @@ def render_finding_readme(
         f"{results_name}/{record.id}/repro.sh",
         "```",
         "",
+        *_result_caveat(record),
         "Dockerfile:",
         "",
         "```dockerfile",
@@ -262,3 +264,15 @@ def render_sequence_readme(
         "",
     ]
     return "\n".join(lines)
+
+
+def _result_caveat(record: FindingRecord) -> list[str]:
+    """Say that repro.sh cannot judge a finding about a passing build's result."""
+    if record.phase != str(Phase.RESULT):
+        return []
+    return [
+        "The build itself passes: buildfuzz found its result wrong. `repro.sh`",
+        "runs the same build and exits 2 when it passes, because only",
+        "`buildfuzz replay` checks the result.",
+        "",
+    ]

@@ -483,9 +483,18 @@ def _churn_commands(case: Case) -> list[str]:
     ]
 
 
-def _client_user_commands(user: str) -> list[str]:
-    """Return the lines that let ``user`` run the client, as the case's did."""
+def _client_user_commands(user: str, *, classic: bool) -> list[str]:
+    """Return the lines that let ``user`` run the client, as the case's did.
+
+    They exit 2 when the user cannot run the client against the daemon, so
+    that a set-up problem is not reported as a failure that did not reproduce.
+    """
     quoted = shlex.quote(user)
+    client = (
+        f'setpriv --reuid={quoted} --regid={quoted} --init-groups env HOME="$work/home"'
+    )
+    check = "docker version" if classic else "docker version && docker buildx version"
+    check = check.replace("docker ", f"{client} docker ")
     return [
         f"# The case's client runs as user {user}, not root. The user must exist",
         "# and may use the daemon (as a member of the docker group may).",
@@ -496,6 +505,13 @@ def _client_user_commands(user: str) -> list[str]:
         "fi",
         'mkdir -p "$work/home" && chmod 711 "$work"',
         f'chown {quoted} "$work" "$work/home"',
+        f'if ! {{ {check}; }} >"$work/client.log" 2>&1; then',
+        '  cat "$work/client.log" >&2',
+        f'  echo "repro.sh: user {user} cannot run docker here; it needs docker on" \\',
+        '    "PATH, the daemon socket and DOCKER_CONFIG open to it (the exports of" \\',
+        '    "buildfuzz sandbox give that)" >&2',
+        "  exit 2",
+        "fi",
     ]
 
 
@@ -511,7 +527,7 @@ def _build_commands(case: Case, timeout: float) -> list[str]:
         words.insert(3, '--builder "$builder"')
     build = f"{prefix}timeout {int(timeout)} {' '.join(words)}"
     if case.client_user:
-        lines += _client_user_commands(case.client_user)
+        lines += _client_user_commands(case.client_user, classic=classic)
         build = (
             f"setpriv --reuid={case.client_user} --regid={case.client_user} "
             f'--init-groups env HOME="$work/home" {build}'
@@ -595,6 +611,19 @@ def _shell_word(word: str) -> str:
 
 
 def _verdict(signature: Signature) -> list[str]:
+    if signature.phase is Phase.RESULT:
+        # An oracle judged the output of a build that passed; docker alone
+        # cannot tell, so a passing build is neither verdict.
+        return [
+            'if [ "$status" -eq 0 ]; then',
+            '  echo "buildfuzz repro: cannot tell: the build passed, and the finding"'
+            " \\",
+            '    "is about its result, which only buildfuzz replay checks" >&2',
+            "  exit 2",
+            "fi",
+            'echo "buildfuzz repro: did not reproduce (exit status $status)"',
+            "exit 1",
+        ]
     if signature.phase is Phase.HANG:
         check = '[ "$status" -eq 124 ]'
     else:

@@ -20,7 +20,7 @@ from buildfuzz.session import Session
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
 from buildfuzz.workdir import create_run_dir, remove_tree
-from tests.conftest import client_tools
+from tests.conftest import client_tools, start_engine
 
 USER = client_user.USER
 
@@ -165,6 +165,95 @@ def test_user_client_repro_reproduces(run_dir: Path) -> None:
     remove_tree(open_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "buildfuzz repro: REPRODUCED" in result.stdout
+
+
+def run_repro(
+    case: Case, phase: Phase, host: str, cli: Path, config: Path
+) -> subprocess.CompletedProcess[str]:
+    """Run the repro.sh of ``case`` with the exports of a sandbox shell.
+
+    The test session sets BUILDX_CONFIG to its own client's directory, which
+    the user cannot enter, so the script's environment leaves it out.
+    """
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))
+    directory.chmod(0o755)  # the user enters the context in it
+    script = directory / "repro.sh"
+    script.write_text(render_repro(case, Signature(phase, "x"), timeout=120))
+    environment = {k: v for k, v in os.environ.items() if k != "BUILDX_CONFIG"}
+    try:
+        return subprocess.run(
+            ["bash", str(script)],
+            env={
+                **environment,
+                "PATH": f"{cli.parent}:{os.environ['PATH']}",
+                "DOCKER_HOST": host,
+                "DOCKER_CONFIG": str(config),
+                "TMPDIR": str(directory),
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+    finally:
+        remove_tree(directory)
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+@pytest.mark.parametrize(
+    ("phase", "returncode", "printed"),
+    [
+        (Phase.RESULT, 2, "cannot tell: the build passed"),
+        (Phase.CONTEXT, 1, "did not reproduce"),
+    ],
+)
+def test_repro_on_shared_sandbox_client(
+    run_dir: Path, phase: Phase, returncode: int, printed: str
+) -> None:
+    # What `buildfuzz sandbox` exports: the user's links to the CLI and its
+    # buildx plugin, and the socket opened to the user. The buildx client
+    # then runs as the user, and the build passes (buildx sends the file
+    # that the user cannot read as an empty one).
+    tools = client_tools(run_dir)
+    engine = start_engine("26.1", run_dir)
+    case = Case(
+        builder="buildx-docker",
+        client_user=USER,
+        files=(ContextFile("only-root.txt", size=5, mode=0o600),),
+        dockerfile=("FROM scratch", "COPY . /"),
+    )
+    try:
+        shared = client_user.UserClient(run_dir).share(
+            tools.cli, tools.config_dir, engine.host
+        )
+        assert shared is not None
+        result = run_repro(case, phase, engine.host, *shared)
+    finally:
+        engine.stop()
+
+    assert result.returncode == returncode, result.stdout + result.stderr
+    assert printed in result.stdout + result.stderr
+    assert "cannot run docker here" not in result.stderr
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_repro_says_when_user_cannot_run_docker(run_dir: Path) -> None:
+    # Without the sandbox's links, the user cannot reach the root-only
+    # config directory and socket: a set-up problem, not a verdict.
+    tools = client_tools(run_dir)
+    engine = start_engine("26.1", run_dir)
+    case = Case(builder="buildx-docker", client_user=USER, files=UNREADABLE)
+    try:
+        result = run_repro(
+            case, Phase.CONTEXT, engine.host, tools.cli, tools.config_dir
+        )
+    finally:
+        engine.stop()
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "user buildfuzz cannot run docker here" in result.stderr
 
 
 def test_classic_permission_message_explained() -> None:
