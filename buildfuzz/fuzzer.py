@@ -249,7 +249,7 @@ class Fuzzer:
                 log.info("budget spent; writing the finding unshrunk", id=signature.id)
             if shrunk is not None and shrunk.shrunk and not self.interrupted:
                 self.minimize(shrunk, signature, shrink_deadline)
-                self.confirm(shrunk, signature)
+                self.confirm(shrunk, signature, shrink_deadline)
         except KeyboardInterrupt:
             log.warning("interrupted; writing the finding as it is", id=signature.id)
             self.interrupted = self.stopped = True
@@ -430,9 +430,18 @@ class Fuzzer:
             evaluation.verdict is Verdict.FINDING and evaluation.signature == signature
         )
 
-    def confirm(self, shrunk: ShrinkResult, signature: Signature) -> None:
-        """Re-run the shrunk case to measure how often it reproduces."""
+    def confirm(
+        self, shrunk: ShrinkResult, signature: Signature, deadline: float
+    ) -> None:
+        """Re-run the shrunk case to measure how often it reproduces.
+
+        No run starts after ``deadline``: the rate then rests on the runs
+        made while shrinking.
+        """
         for _ in range(CONFIRM_RUNS):
+            if time.monotonic() >= deadline:
+                log.info("budget spent; not confirming the shrunk case")
+                break
             try:
                 record = self.execute(shrunk.case)
             except EngineUnavailable:

@@ -15,7 +15,7 @@ from hypothesis import settings
 from buildfuzz.build import BuildResult
 from buildfuzz.case import Case, ContextFile, FileKind, Output
 from buildfuzz.errors import UsageError
-from buildfuzz.fuzzer import CONFIRM_RUNS, FindingEvent, Fuzzer
+from buildfuzz.fuzzer import CONFIRM_RUNS, FindingEvent, Fuzzer, ShrinkResult
 from buildfuzz.minimize import default_case, one_minimal, simplifications
 from buildfuzz.profile import load_profile
 from buildfuzz.session import CaseRecord
@@ -51,17 +51,32 @@ def two_axes(case: Case) -> bool:
     return case.output is Output.TAR and setuid
 
 
-def run_fuzzer(fails: Callable[[Case], bool], seconds: float = 8) -> list[FindingEvent]:
-    events: list[FindingEvent] = []
-    fuzzer = Fuzzer(
+def make_fuzzer(
+    execute: Callable[[Case], CaseRecord],
+    events: list[FindingEvent] | None = None,
+    *,
+    seed: int = 5,
+    first_only: bool = False,
+) -> Fuzzer:
+    """Return a fuzzer of the default profile that appends findings to
+    ``events``, knows the signatures seen there, and with ``first_only``
+    stops after the first finding."""
+    found = [] if events is None else events
+    return Fuzzer(
         cases(PROFILE, TARGETS),
-        fake_builder(fails),
+        execute,
         profile=PROFILE,
         targets=TARGETS,
-        seed=5,
-        known=lambda signature: any(e.signature == signature for e in events),
-        on_finding=events.append,
+        seed=seed,
+        known=lambda signature: any(e.signature == signature for e in found),
+        on_finding=found.append,
+        may_continue=(lambda: not found) if first_only else (lambda: True),
     )
+
+
+def run_fuzzer(fails: Callable[[Case], bool], seconds: float = 8) -> list[FindingEvent]:
+    events: list[FindingEvent] = []
+    fuzzer = make_fuzzer(fake_builder(fails), events)
     fuzzer.run(time.monotonic() + seconds, shrink_budget=seconds)
     return events
 
@@ -133,15 +148,7 @@ def test_seed_gives_same_case_sequence() -> None:
             seen.append(case.id)
             return fake_builder(lambda _: False)(case)
 
-        fuzzer = Fuzzer(
-            cases(PROFILE, TARGETS),
-            record,
-            profile=PROFILE,
-            targets=TARGETS,
-            seed=99,
-            known=lambda _: False,
-            on_finding=lambda _: None,
-        )
+        fuzzer = make_fuzzer(record, seed=99)
         fuzzer.run(time.monotonic() + 2, shrink_budget=1)
         sequences.append(seen)
 
@@ -157,15 +164,7 @@ def case_ids(shard: Shard, stop_index: int) -> list[str]:
         seen.append(case.id)
         return fake_builder(lambda _: False)(case)
 
-    fuzzer = Fuzzer(
-        cases(PROFILE, TARGETS),
-        record,
-        profile=PROFILE,
-        targets=TARGETS,
-        seed=42,
-        known=lambda _: False,
-        on_finding=lambda _: None,
-    )
+    fuzzer = make_fuzzer(record, seed=42)
     fuzzer.run(time.monotonic() + 60, 1, shard, stop_index=stop_index)
     return seen
 
@@ -210,16 +209,7 @@ def test_shrinking_builds_no_case_twice() -> None:
             built.append(case.to_json())
         return execute(case)
 
-    fuzzer = Fuzzer(
-        cases(PROFILE, TARGETS),
-        record,
-        profile=PROFILE,
-        targets=TARGETS,
-        seed=5,
-        known=lambda signature: any(e.signature == signature for e in events),
-        on_finding=events.append,
-        may_continue=lambda: not events,
-    )
+    fuzzer = make_fuzzer(record, events, first_only=True)
     fuzzer.run(time.monotonic() + 30, shrink_budget=30)
     shrunk = next(event.shrunk for event in events if event.new)
 
@@ -232,16 +222,7 @@ def test_shrinking_builds_no_case_twice() -> None:
 
 def test_finding_and_run_count_the_same_shrink_builds() -> None:
     events: list[FindingEvent] = []
-    fuzzer = Fuzzer(
-        cases(PROFILE, TARGETS),
-        fake_builder(two_axes),
-        profile=PROFILE,
-        targets=TARGETS,
-        seed=5,
-        known=lambda signature: False,
-        on_finding=events.append,
-        may_continue=lambda: not events,
-    )
+    fuzzer = make_fuzzer(fake_builder(two_axes), events, first_only=True)
     fuzzer.run(time.monotonic() + 30, shrink_budget=30)
     shrunk = next(event.shrunk for event in events if event.new)
 
@@ -340,3 +321,22 @@ def test_finding_page_lists_every_option() -> None:
     assert rows["client_user"] == "buildfuzz"
     assert rows["churn"] == "append"
     assert rows["no_cache"] == "True"
+
+
+def test_confirmation_stops_at_the_deadline() -> None:
+    built: list[Case] = []
+    execute = fake_builder(two_axes)
+
+    def record(case: Case) -> CaseRecord:
+        built.append(case)
+        return execute(case)
+
+    fuzzer = make_fuzzer(record)
+    case = Case(output=Output.TAR, files=(ContextFile("a", mode=0o4755),))
+    shrunk = ShrinkResult(case=case, record=execute(case), builds=0, complete=True)
+
+    fuzzer.confirm(shrunk, PLANTED, time.monotonic() - 1)
+    assert built == []
+    fuzzer.confirm(shrunk, PLANTED, time.monotonic() + 60)
+    assert len(built) == CONFIRM_RUNS
+    assert shrunk.reproduced == CONFIRM_RUNS
