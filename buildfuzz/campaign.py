@@ -44,7 +44,7 @@ from buildfuzz.rules import Rule, check_rule_names, load_rules
 from buildfuzz.runlog import RunLog
 from buildfuzz.sequences import SequenceStats
 from buildfuzz.strategies import Target
-from buildfuzz.workdir import DEFAULT_BASE, create_run_dir, remove_tree
+from buildfuzz.workdir import DEFAULT_BASE, check_workdir, create_run_dir, remove_tree
 from buildfuzz.worker import Claims, WorkerPlan, WorkerResult, run_workers
 
 log = structlog.get_logger(__name__)
@@ -168,6 +168,7 @@ def prepare(options: RunOptions) -> Prepared:
         )
     if options.build_timeout <= 0:
         raise UsageError("--build-timeout must be a positive duration")
+    check_workdir(options.workdir.absolute())
     _check_free_disk(options.workdir, options.min_free)
     profile = load_profile(options.profile)
     secrets.check_available(profile.build.build_args, f"profile {profile.name}")

@@ -313,6 +313,12 @@ def case_from_dict(data: Any, *, source: Path | str = "<case>") -> Case:
         raise DataFileError(source, "a case must be a JSON object")
 
     schema = data.get("schema")
+    if "schema" not in data:
+        raise DataFileError(
+            source,
+            f'case has no "schema" key; buildfuzz writes "schema": {CASE_SCHEMA} '
+            "in every case, so add it to a case written by hand",
+        )
     if schema != CASE_SCHEMA:
         raise DataFileError(
             source,

@@ -23,6 +23,10 @@ class Shard:
         if match is None:
             raise UsageError(f"invalid --shard {text!r}; use K/N, for example 2/8")
         index, count = int(match.group(1)), int(match.group(2))
+        if count == 0:
+            raise UsageError(
+                f"invalid --shard {text!r}; N must be 1 or more, as in 1/4"
+            )
         if not 1 <= index <= count:
             raise UsageError(
                 f"invalid --shard {text!r}; K must be from 1 to N, as in 1/{count}"

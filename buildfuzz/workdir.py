@@ -22,9 +22,20 @@ DEFAULT_BASE = Path("/var/tmp/buildfuzz")
 OWNER_FILE = "owner.pid"
 
 
+def check_workdir(base: Path) -> None:
+    """Raise SetupError when ``base`` or one of its ancestors is not a directory."""
+    for path in (base, *base.parents):
+        if path.exists() and not path.is_dir():
+            raise SetupError(
+                f"work directory {base} is not a directory ({path} is a file); "
+                "give a directory path with --workdir"
+            )
+
+
 def create_run_dir(base: Path = DEFAULT_BASE) -> Path:
     """Create a private directory for this run, after removing dead runs' ones."""
     base = base.absolute()  # daemons run in other directories
+    check_workdir(base)
     try:
         if not base.exists():
             # Others may pass through it (rootless engines' user must) but

@@ -140,7 +140,7 @@ def test_missing_schema_is_rejected() -> None:
     with pytest.raises(DataFileError) as raised:
         case_from_dict(data)
 
-    assert "schema None is not supported" in str(raised.value)
+    assert 'case has no "schema" key' in str(raised.value)
 
 
 def test_unknown_case_field_is_rejected() -> None:

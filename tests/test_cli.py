@@ -270,3 +270,19 @@ def test_run_refuses_full_disk_before_writing(tmp_path: Path) -> None:
     assert "below --min-free" in completed.stderr
     assert "Traceback" not in completed.stderr
     assert not results.exists()
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_run_rejects_file_as_workdir(below: str, tmp_path: Path, results: Path) -> None:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    before = snapshot(results)
+
+    completed = buildfuzz(
+        "run", "--budget", "1m", "--workdir", str(path / below),
+        "--results", str(results), cwd=REPO,
+    )  # fmt: skip
+
+    assert_clean_error(completed, mentions=f"({path} is a file)")
+    assert "cannot enter" not in completed.stderr
+    assert snapshot(results) == before

@@ -187,6 +187,11 @@ def test_shard_rejects_bad_value(text: str) -> None:
         Shard.parse(text)
 
 
+def test_shard_of_none_names_a_valid_example() -> None:
+    with pytest.raises(UsageError, match="N must be 1 or more, as in 1/4"):
+        Shard.parse("0/0")
+
+
 def test_hypothesis_ci_profile_changes_nothing() -> None:
     """Hypothesis loads a derandomized "ci" profile when CI is set; no effect here."""
     default = case_ids(Shard(1, 1), 40)
