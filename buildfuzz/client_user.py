@@ -22,6 +22,7 @@ drivers are registered in root's buildx configuration.
 import hashlib
 import os
 import pwd
+import shutil
 from pathlib import Path
 
 from buildfuzz.errors import EngineError
@@ -101,6 +102,7 @@ class UserClient:
             for path in (secrets_dir, *secrets_dir.iterdir()):
                 os.chown(path, account.pw_uid, account.pw_gid)
         open_run_directory(case_dir / "context")
+        self._share_builders(config, user_config, account)
 
         words = [str(user_cli), "--config", str(user_config), *command[3:]]
         prefix = ["setpriv", f"--reuid={account.pw_uid}", f"--regid={account.pw_gid}"]
@@ -143,6 +145,24 @@ class UserClient:
             open_run_directory(self.directory)
             self._ready.add(user_config)
         return user_cli, user_config
+
+    @staticmethod
+    def _share_builders(
+        config: Path, user_config: Path, account: pwd.struct_passwd
+    ) -> None:
+        """Copy root's buildx builder definitions into the user's buildx state.
+
+        buildfuzz creates the docker-container and remote builders as root;
+        without their definitions the user's client finds no such builder.
+        """
+        source = Path(os.environ.get("BUILDX_CONFIG") or config / "buildx")
+        instances = user_config / "buildx" / "instances"
+        shutil.rmtree(instances, ignore_errors=True)
+        if not (source / "instances").is_dir():
+            return
+        shutil.copytree(source / "instances", instances)
+        for path in (instances.parent, instances, *instances.rglob("*")):
+            os.chown(path, account.pw_uid, account.pw_gid)
 
     def _open_socket(self, socket: Path, account: pwd.struct_passwd) -> None:
         """Give the user access to the daemon socket, as the docker group has."""

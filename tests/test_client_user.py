@@ -19,6 +19,7 @@ from buildfuzz.rules import load_rules, matching_rule, option_listing
 from buildfuzz.session import Session
 from buildfuzz.signature import Phase, Signature
 from buildfuzz.strategies import BUSYBOX_IMAGE
+from buildfuzz.verdict import Verdict
 from buildfuzz.workdir import create_run_dir, remove_tree
 from tests.conftest import client_tools, start_engine
 
@@ -254,6 +255,48 @@ def test_repro_says_when_user_cannot_run_docker(run_dir: Path) -> None:
 
     assert result.returncode == 2, result.stdout + result.stderr
     assert "user buildfuzz cannot run docker here" in result.stderr
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+@pytest.mark.parametrize("builder", ["buildx-docker", "container-v0-34"])
+def test_user_client_local_export_of_readonly_dir(
+    session: Session, builder: str
+) -> None:
+    # The user's client finds the docker-container builder that root made,
+    # and cannot write into a directory of mode 0555 of the image.
+    case = Case(
+        builder=builder,
+        client_user=USER,
+        output=Output.LOCAL,
+        files=(
+            ContextFile("d", kind=FileKind.DIR, mode=0o555),
+            ContextFile("d/f", size=3),
+        ),
+        dockerfile=("FROM scratch", "COPY . /"),
+    )
+
+    record = session.execute(case)
+
+    assert "no builder" not in record.result.log
+    assert record.evaluation.verdict is Verdict.EXPECTED, record.result.log[-1500:]
+    assert record.evaluation.rule == "client-user-readonly-dir-export"
+
+
+@pytest.mark.engine
+@pytest.mark.usefixtures("installed")
+def test_user_client_builds_on_container_builder(session: Session) -> None:
+    case = Case(
+        builder="container-v0-34",
+        client_user=USER,
+        output=Output.TAR,
+        files=(ContextFile("a", size=10),),
+        dockerfile=("FROM scratch", "COPY . /"),
+    )
+
+    record = session.execute(case)
+
+    assert record.evaluation.verdict is Verdict.PASS, record.result.log[-1500:]
 
 
 def test_classic_permission_message_explained() -> None:
