@@ -325,3 +325,30 @@ def test_profile_of_user_clients_needs_open_workdir() -> None:
         assert _user_clients_allowed(only_user, base / "work")
     finally:
         remove_tree(base)
+
+
+@pytest.mark.parametrize(
+    ("log", "rule"),
+    [
+        (
+            "ERROR: failed to solve: error from receiver: failed to create device "
+            "/w/case-59/rootfs/ctx/a: operation not permitted",
+            "client-user-device-export",
+        ),
+        (
+            "#20 ERROR: error from receiver: open /w/rootfs/d/f: permission denied",
+            "client-user-readonly-dir-export",
+        ),
+    ],
+)
+def test_user_client_local_export_failures_explained(log: str, rule: str) -> None:
+    case = Case(builder="container-v0-34", client_user=USER, output=Output.LOCAL)
+
+    matched = matching_rule(load_rules("expected"), case, log)
+
+    assert matched is not None
+    assert matched.id == rule
+    as_root = matching_rule(
+        load_rules("expected"), case.with_changes(client_user=""), log
+    )
+    assert as_root is None
