@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 from buildfuzz.case import load_case
+from buildfuzz.workdir import remove_tree
 from tests.conftest import PROFILES, REPO, buildfuzz, client_tools, start_engine
 
 pytestmark = [pytest.mark.engine, pytest.mark.usefixtures("installed")]
@@ -36,10 +37,24 @@ def finding_run(
     return completed, results
 
 
+# The work and results directories that tempfile_dir made in this module.
+MADE: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def remove_tempfile_dirs() -> Iterator[None]:
+    yield
+    while MADE:
+        remove_tree(MADE.pop())
+
+
 def tempfile_dir() -> str:
+    """Return a new short directory under /var/tmp, removed after the module."""
     import tempfile
 
-    return tempfile.mkdtemp(prefix="bft-", dir="/var/tmp")
+    path = tempfile.mkdtemp(prefix="bft-", dir="/var/tmp")
+    MADE.append(Path(path))
+    return path
 
 
 def finding_dirs(results: Path) -> list[Path]:

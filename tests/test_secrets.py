@@ -93,13 +93,12 @@ def test_log_events_are_redacted(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.engine
 @pytest.mark.usefixtures("installed")
-def test_secret_absent_from_every_output(tmp_path: Path) -> None:
+def test_secret_absent_from_every_output(tmp_path: Path, workdir: Path) -> None:
     """A file name that is a secret value ends up in logs, cases and scripts;
     the run writes *** in its place in every file and log line."""
     import os
     import subprocess
     import sys
-    import tempfile
 
     from tests.conftest import PROFILES
 
@@ -115,7 +114,7 @@ def test_secret_absent_from_every_output(tmp_path: Path) -> None:
         [sys.executable, "-m", "buildfuzz", "run", "--budget", "25s", "--seed", "3",
          "--profile", str(profile), "--results", str(results),
          "--secret-env", "BF_TEST_SECRET", "--log-format", "json",
-         "--workdir", tempfile.mkdtemp(prefix="bft-", dir="/var/tmp")],
+         "--workdir", str(workdir)],
         cwd=REPO, env={**os.environ, "BF_TEST_SECRET": secret},
         capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
