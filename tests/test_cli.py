@@ -2,6 +2,7 @@
 
 import json
 import os
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 
 from buildfuzz.cli import app
 from tests.conftest import REPO, buildfuzz
+from tests.test_results import RECORD
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -23,7 +25,9 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 def results(tmp_path: Path) -> Path:
     directory = tmp_path / "results"
     (directory / "abc123").mkdir(parents=True)
-    (directory / "abc123" / "finding.json").write_text('{"kept": true}\n')
+    # A readable finding: a run checks every finding.json before it starts.
+    record = replace(RECORD, id="abc123")
+    (directory / "abc123" / "finding.json").write_text(json.dumps(asdict(record)))
     (directory / ".buildfuzz-results").write_text("1\n")
     return directory
 
