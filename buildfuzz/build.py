@@ -29,6 +29,7 @@ from buildfuzz.workdir import kill_processes_under
 log = structlog.get_logger(__name__)
 
 IMAGE_NAME = "buildfuzz-case"
+LOADED_IMAGE = f"{IMAGE_NAME}:loaded"  # the name of a loaded Output.DOCKER_TAR image
 PUSH_REPOSITORY = "buildfuzz-case/pushed"  # on the registry of Output.PUSH cases
 # A build's timeout grows with its context: each builder reads every byte
 # (a sparse file's holes too) and handles every file, several times over on
@@ -291,7 +292,8 @@ ENGINE_API_VERSION = "1.41"
 
 
 def _remove_through_api(client: APIClient, names: list[str]) -> bool:
-    """Remove the images ``names`` that exist; False if the engine refused."""
+    """Remove the images ``names`` that exist; return False if the engine rejected
+    a request."""
     try:
         for name in names:
             try:
@@ -466,7 +468,7 @@ def image_names(case: Case, builder: BuilderDefinition, pushed: str = "") -> lis
     if builder.classic or case.output is Output.LOAD:
         names.insert(0, tag_for(case))
     elif case.output is Output.DOCKER_TAR:
-        names.insert(0, f"{IMAGE_NAME}:loaded")
+        names.insert(0, LOADED_IMAGE)
     return names
 
 
@@ -547,7 +549,7 @@ def buildx_output(case: Case, case_dir: Path, pushed: str = "") -> dict[str, str
         return {
             "type": "docker",
             "dest": str(case_dir / "image.tar"),
-            "name": f"{IMAGE_NAME}:loaded",
+            "name": LOADED_IMAGE,
         }
     return {}
 

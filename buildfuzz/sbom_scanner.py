@@ -154,7 +154,7 @@ def _fingerprint() -> str:
 def scanner_rootfs_tar(destination: Path, busybox: Path) -> Path:
     """Write the generator image's root file system to ``destination``.
 
-    It holds /bin/syft, the static ``busybox`` with links for ``APPLETS``,
+    It contains /bin/syft, the static ``busybox`` with links for ``APPLETS``,
     the generator script and an empty /tmp.
     """
     binary = ensure_scanner_binary()

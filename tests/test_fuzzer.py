@@ -59,7 +59,7 @@ def make_fuzzer(
     first_only: bool = False,
 ) -> Fuzzer:
     """Return a fuzzer of the default profile that appends findings to
-    ``events``, knows the signatures seen there, and with ``first_only``
+    ``events``, treats the signatures seen there as known, and with ``first_only``
     stops after the first finding."""
     found = [] if events is None else events
     return Fuzzer(
